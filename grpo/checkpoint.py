@@ -117,3 +117,32 @@ def load_trainer_state(directory: str | Path) -> dict[str, Any]:
 
 def write_json(path: str | Path, value: Any) -> None:
     Path(path).write_text(json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def restore_policy_weights(policy: Any, directory: str | Path) -> None:
+    """Load the trained weights of a checkpoint into a policy built from the same starting point.
+
+    LoRA: the adapter tensors of `directory/adapter` replace the fresh adapter's.  Full
+    fine-tuning: the model tensors of `directory/model` replace the model's.  Safetensors only.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if policy.use_lora:
+        from peft import set_peft_model_state_dict
+
+        tensors = load_file(str(directory / "adapter" / "adapter_model.safetensors"))
+        result = set_peft_model_state_dict(policy.model, tensors)
+        missing_lora = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+        if missing_lora:
+            raise RuntimeError(f"{directory}: adapter is missing {len(missing_lora)} LoRA tensors, e.g. {missing_lora[0]}")
+    else:
+        from safetensors.torch import load_model
+
+        files = sorted((directory / "model").glob("*.safetensors"))
+        if len(files) != 1:
+            raise RuntimeError(f"{directory}/model: expected one safetensors file, found {len(files)}")
+        missing, unexpected = load_model(policy.model, str(files[0]), strict=False)
+        real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not stored twice
+        if real_missing or unexpected:
+            raise RuntimeError(f"{directory}: weights do not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")

@@ -1,0 +1,137 @@
+"""Run plumbing shared by the trainers: devices, learning-rate schedule, logs, signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise SystemExit(f"--dtype {name!r}: expected one of {sorted(table)} or auto")
+    return table[name]
+
+
+def lr_at(step: int, *, lr: float, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Linear warmup over `warmup_steps`, then constant, linear or cosine decay to 0 at `total_steps`."""
+    if warmup_steps > 0 and step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return lr * (1.0 - progress)
+    if schedule == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr schedule {schedule!r}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits non-zero.
+
+    A second signal of the same kind while stopping falls back to the default behaviour.
+    """
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a test runner thread)
+                pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+        print(f"\n{self.signal_name} received: finishing this step, then checkpointing and exiting", file=sys.stderr)
+
+    def __bool__(self) -> bool:
+        return self.signal_name is not None
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+class RunLogger:
+    """Metrics to `metrics.jsonl` (one line per logged step), TensorBoard when installed, a text log."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self._writer = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = (self.run_dir / "metrics.jsonl").open("a")
+        self._text = (self.run_dir / "log.txt").open("a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            except Exception:  # tensorboard is optional
+                self._writer = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, "time": time.time(), **metrics}
+        self._metrics.write(json.dumps(record, default=float) + "\n")
+        self._metrics.flush()
+        if self._writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self._writer.add_scalar(key, value, step)
+
+    def text(self, message: str) -> None:
+        if not self.enabled:
+            return
+        self._text.write(message.rstrip() + "\n")
+        self._text.flush()
+
+    def write_jsonl(self, name: str, records: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        with (self.run_dir / name).open("a") as handle:
+            for record in records:
+                handle.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._metrics.close()
+        self._text.close()
+        if self._writer is not None:
+            self._writer.close()
