@@ -146,3 +146,26 @@ def restore_policy_weights(policy: Any, directory: str | Path) -> None:
         real_missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied embeddings are not stored twice
         if real_missing or unexpected:
             raise RuntimeError(f"{directory}: weights do not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def save_training_checkpoint(run_dir: str | Path, step: int, *, policy: Any, optimizer: Any, config: Any,
+                             extra: dict[str, Any] | None = None, keep_last: int = 0) -> Path:
+    """Weights, tokenizer, lineage, optimizer, RNG states, step and config, published atomically."""
+    from grpo.config import config_to_dict
+    from grpo.policy import save_policy
+
+    def write(directory: Path) -> None:
+        save_policy(policy, directory)
+        save_trainer_state(directory, {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})})
+        write_json(directory / "config.json", config_to_dict(config))
+
+    return write_checkpoint(run_dir, step, write, keep_last=keep_last)
+
+
+def resume_training(checkpoint: str | Path, *, policy: Any, optimizer: Any) -> dict[str, Any]:
+    """Restore weights, optimizer and RNG states from a checkpoint; returns its trainer state."""
+    state = load_trainer_state(checkpoint)
+    restore_policy_weights(policy, checkpoint)
+    optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    return state

@@ -24,19 +24,10 @@ from typing import Any, Callable
 import torch
 
 from grpo.advantages import advantage_stats, group_advantages
-from grpo.checkpoint import (
-    latest_checkpoint,
-    load_trainer_state,
-    restore_policy_weights,
-    rng_state,
-    save_trainer_state,
-    set_rng_state,
-    write_checkpoint,
-    write_json,
-)
+from grpo.checkpoint import latest_checkpoint, resume_training, save_training_checkpoint, write_json
 from grpo.config import config_to_dict, field
 from grpo.loss import policy_loss
-from grpo.policy import LoraSettings, Policy, load_policy, reference_mode, save_policy, token_logprobs
+from grpo.policy import LoraSettings, Policy, load_policy, reference_mode, token_logprobs
 from grpo.rollout import SamplingConfig, generate
 from grpo.runtime import RunLogger, StopRequest, lr_at, resolve_device, resolve_dtype, seed_everything
 
@@ -469,23 +460,14 @@ def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], li
 
     start_step = 0
     if resume_from is not None:
-        state = load_trainer_state(resume_from)
-        restore_policy_weights(policy, resume_from)
-        optimizer.load_state_dict(state["optimizer"])
+        state = resume_training(resume_from, policy=policy, optimizer=optimizer)
         generator.set_state(state["generator"])
-        set_rng_state(state["rng"])
         start_step = int(state["step"])
         log(f"resumed from {resume_from} at step {start_step}")
 
     def save(step: int) -> Path:
-        def write(directory: Path) -> None:
-            save_policy(policy, directory)
-            save_trainer_state(directory, {
-                "step": step, "optimizer": optimizer.state_dict(), "generator": generator.get_state(), "rng": rng_state(),
-            })
-            write_json(directory / "config.json", config_to_dict(config))
-
-        path = write_checkpoint(run_dir, step, write, keep_last=config.keep_checkpoints)
+        path = save_training_checkpoint(run_dir, step, policy=policy, optimizer=optimizer, config=config,
+                                        extra={"generator": generator.get_state()}, keep_last=config.keep_checkpoints)
         log(f"checkpoint {path}")
         return path
 

@@ -1,0 +1,30 @@
+"""Supervised fine-tuning entry point: the paper's stages 1 and 2.
+
+    python -m sft.train --stage base --model tiny --no-lora --lr 1e-3 --out runs/base        # tiny model from random weights
+    python -m sft.train --stage coldstart --init runs/base/checkpoints/step-000300 --out runs/coldstart
+    python -m sft.train --stage base --model Qwen/Qwen3-1.7B --data apigen-mt-5k.json --out runs/qwen-base
+    python -m sft.train --config sft.toml --resume
+    torchrun --nproc_per_node 2 -m sft.train ...                                                # data parallel
+
+`base` trains on every assistant turn with an empty think block; `coldstart` only on the turns
+that carry written reasoning (the synthetic cold-start split has at most 100) and continues from
+the base checkpoint given with --init.  LoRA is the default (paper: q,k,v,o,gate,up,down, micro-batch
+2 x accumulation 4, 3 epochs); a tiny model trained from random weights needs --no-lora.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from grpo.config import parse_config
+from sft.trainer import SFTConfig, train
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(SFTConfig, sys.argv[1:] if argv is None else argv, description=__doc__)
+    run_dir = train(config)
+    print(f"done: {run_dir}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Supervised fine-tuning: the paper's stage 1 (base, no reasoning) and stage 2 (cold start).
+
+Loss: token-mean cross-entropy over the loss mask (the assistant target tokens and the closing
+end-of-turn token), with the normaliser fixed per optimizer step:
+
+    L = - sum_{micro-batches m} sum_{tokens t in m, mask=1} log p(x_t | x_<t)  /  (mask tokens in the whole step)
+
+so `grad_accum` micro-batches give exactly the gradient of one large batch.  Only the hidden
+states of masked positions are projected onto the vocabulary (no [N, L, V] logits tensor).
+
+Stage 1 renders every sample with an empty think block; stage 2 trains only on the samples that
+carry written reasoning (at most 100 in the paper) and starts from the stage-1 checkpoint
+(`--init`), whose adapters are merged before a fresh LoRA is attached (grpo.policy.load_policy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from grpo.checkpoint import latest_checkpoint, resume_training, save_training_checkpoint, write_json
+from grpo.config import config_to_dict, field
+from grpo.policy import PLAIN_HEAD_MODEL_TYPES, LoraSettings, Policy, causal_lm_of, load_policy
+from grpo.runtime import RunLogger, StopRequest, lr_at, resolve_device, resolve_dtype, seed_everything
+
+LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DEFAULT_DATA = {"base": "synthetic:train", "coldstart": "synthetic:coldstart"}
+
+
+@dataclasses.dataclass
+class SFTConfig:
+    """Every knob of an SFT run.  Paper defaults: LoRA, micro-batch 2 x accumulation 4, 3 epochs."""
+
+    stage: str = field("base", "base: all samples, empty think block; coldstart: reasoning samples only",
+                       choices=("base", "coldstart"))
+    out: str = field("runs/sft", "run directory")
+    seed: int = field(0, "seed for data order and initialisation")
+    epochs: float = field(3.0, "passes over the training samples (ignored when --max-steps > 0)")
+    max_steps: int = field(0, "optimizer steps (0: from --epochs)")
+    save_every: int = field(0, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = field(2, "keep only the newest N checkpoints (0 keeps all)")
+    eval_every: int = field(50, "held-out loss every N steps (0: only at the end)")
+    log_every: int = field(10, "log metrics every N steps")
+    resume: bool = field(False, "continue from the newest checkpoint in --out")
+    init: str | None = field(None, "start from this checkpoint (e.g. the base stage's); its lineage is merged")
+    model: str | None = field(None, "start from a plain model: hub name, local path, or 'tiny'")
+    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = field("auto", "float32, bfloat16, float16 or auto")
+    trust_remote_code: bool = field(False, "allow model repositories to run their own code")
+    threads: int = field(0, "CPU threads for torch (0: torch's default)")
+    # data
+    data: str | None = field(None, "training data: a path or synthetic:<split> (default: by stage)")
+    data_format: str | None = field(None, "force the data format: apigen, tau or almita")
+    val_fraction: float = field(0.05, "share of conversations held out for the validation loss")
+    max_length: int = field(1024, "token limit of a rendered sample; older turns are dropped beyond it")
+    max_samples: int = field(0, "use at most this many training samples (0: all)")
+    # optimisation
+    micro_batch: int = field(2, "samples per forward/backward")
+    grad_accum: int = field(4, "micro-batches per optimizer step")
+    lr: float = field(2e-4, "peak learning rate")
+    lr_schedule: str = field("cosine", "after warmup", choices=("constant", "linear", "cosine"))
+    warmup_steps: int = field(10, "linear warmup steps")
+    weight_decay: float = field(0.0, "AdamW weight decay")
+    max_grad_norm: float = field(1.0, "gradient clipping (0: off)")
+    # policy
+    lora: bool = field(True, "train LoRA adapters (--no-lora: full fine-tuning, needed for a tiny model from random weights)")
+    lora_r: int = field(16, "LoRA rank")
+    lora_alpha: int = field(32, "LoRA alpha")
+    lora_dropout: float = field(0.0, "LoRA dropout")
+    lora_targets: str = field(LORA_TARGETS, "comma-separated module names that get LoRA")
+    tiny_vocab_size: int = field(4096, "--model tiny: tokenizer vocabulary size")
+
+
+def masked_nll_sum(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
+    """(sum of -log p over loss-mask tokens, their count) for a right-padded `data.batching.Batch`.
+
+    Token t is predicted from position t-1, so the mask is shifted by one.
+    """
+    target_mask = batch.loss_mask[:, 1:].bool()
+    targets = batch.input_ids[:, 1:][target_mask]  # [K]
+    count = int(target_mask.sum())
+    causal_lm = causal_lm_of(model)
+    if getattr(causal_lm.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES:
+        hidden = causal_lm.get_decoder()(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids, use_cache=False,
+        ).last_hidden_state
+        logits = causal_lm.get_output_embeddings()(hidden[:, :-1][target_mask])  # [K, V]
+    else:  # unknown head: let the model compute its logits
+        logits = causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                           position_ids=batch.position_ids, use_cache=False).logits[:, :-1][target_mask]
+    return F.cross_entropy(logits.float(), targets, reduction="sum"), count
+
+
+@dataclasses.dataclass
+class SFTData:
+    train: list[Any]  # data.render.Rendered
+    validation: list[Any]
+    stats: dict[str, Any]
+
+
+def prepare_data(config: SFTConfig, tokenizer: Any, log: Callable[[str], None] = print) -> SFTData:
+    """Load, split by conversation, cut into samples, render with loss masks; count every skip."""
+    from data import load_dataset, make_samples, split_conversations
+    from data.render import ContextTooLong, render
+
+    spec = config.data or DEFAULT_DATA[config.stage]
+    conversations, load_stats = load_dataset(spec, seed=config.seed, format=config.data_format)
+    coldstart = config.stage == "coldstart"
+    if config.val_fraction > 0 and len(conversations) >= 2:
+        splits = split_conversations(conversations, {"train": 1 - config.val_fraction, "validation": config.val_fraction},
+                                     seed=config.seed)
+    else:
+        splits = {"train": conversations, "validation": []}
+    rendered: dict[str, list[Any]] = {}
+    stats: dict[str, Any] = {"data": spec, "conversations": len(conversations), "skipped_rows": load_stats.skipped}
+    for name in ("train", "validation"):
+        samples = make_samples(splits[name], only_with_reasoning=coldstart, strip_reasoning=not coldstart)
+        if name == "train" and config.max_samples > 0:
+            samples = samples[: config.max_samples]
+        kept, too_long, shortened = [], 0, 0
+        for sample in samples:
+            try:
+                item = render(sample, tokenizer, max_length=config.max_length, with_reasoning=coldstart)
+            except ContextTooLong as error:
+                too_long += 1
+                if too_long <= 3:
+                    log(f"skipped sample: {error}")
+                continue
+            shortened += item.dropped_turns > 0
+            kept.append(item)
+        rendered[name] = kept
+        stats[f"{name}_samples"] = len(kept)
+        stats[f"{name}_too_long"] = too_long
+        stats[f"{name}_shortened"] = shortened
+    if not rendered["train"]:
+        raise SystemExit(f"--data {spec}: no training samples for stage {config.stage!r} "
+                         f"({'no sample carries reasoning' if coldstart else 'all too long or none found'})")
+    log("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
+    return SFTData(train=rendered["train"], validation=rendered["validation"], stats=stats)
+
+
+def micro_batches_for_epoch(data: list[Any], config: SFTConfig, epoch: int) -> list[list[int]]:
+    from data.batching import length_grouped_batches
+
+    return length_grouped_batches([len(r.input_ids) for r in data], config.micro_batch, seed=config.seed, epoch=epoch)
+
+
+@torch.no_grad()
+def validation_loss(policy: Policy, data: list[Any], config: SFTConfig, device: torch.device) -> float | None:
+    from data.batching import collate
+
+    if not data:
+        return None
+    policy.model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(data), config.micro_batch * 4):
+        batch = _to_device(collate(data[start:start + config.micro_batch * 4], _pad_id(policy.tokenizer)), device)
+        nll, tokens = masked_nll_sum(policy.model, batch)
+        total, count = total + float(nll), count + tokens
+    policy.model.train()
+    return total / max(count, 1)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
+
+
+def load_start_policy(config: SFTConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> Policy:
+    lora = None
+    if config.lora:
+        lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                            target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()))
+    if config.init and config.model:
+        raise SystemExit("give either --init (a checkpoint) or --model (a plain model), not both")
+    if config.init:
+        return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+    model = config.model or "tiny"
+    if model == "tiny":
+        from grpo.tiny import prepare_tiny_base
+
+        model = str(prepare_tiny_base(Path(config.out) / "base-tiny", seed=config.seed, vocab_size=config.tiny_vocab_size))
+        log(f"tiny base model at {model} (random weights)")
+    return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+
+
+def train(config: SFTConfig) -> Path:
+    """Run one SFT stage; returns the run directory (its newest checkpoint is the stage's result)."""
+    from tqdm.auto import tqdm
+
+    from data.batching import collate
+
+    run_dir = Path(config.out)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    seed_everything(config.seed)
+    logger = RunLogger(run_dir)
+    log = lambda message: (print(message), logger.text(message))  # noqa: E731
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    write_json(run_dir / "config.json", config_to_dict(config))
+
+    policy = load_start_policy(config, device, dtype, log)
+    data = prepare_data(config, policy.tokenizer, log)
+    params = [p for p in policy.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    micro_per_epoch = len(micro_batches_for_epoch(data.train, config, 0))
+    steps_per_epoch = max(1, micro_per_epoch // config.grad_accum)
+    max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
+
+    start_step = 0
+    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    if resume_from is not None:
+        start_step = int(resume_training(resume_from, policy=policy, optimizer=optimizer)["step"])
+        log(f"resumed from {resume_from} at step {start_step}")
+    log(f"stage {config.stage}: {len(data.train)} samples, {steps_per_epoch} steps/epoch, {max_steps} steps, "
+        f"{sum(p.numel() for p in params):,} trainable parameters")
+
+    def save(step: int) -> Path:
+        path = save_training_checkpoint(run_dir, step, policy=policy, optimizer=optimizer, config=config,
+                                        extra={"data_stats": data.stats}, keep_last=config.keep_checkpoints)
+        log(f"checkpoint {path}")
+        return path
+
+    policy.model.train()
+    pad_id = _pad_id(policy.tokenizer)
+    epoch_cache: dict[int, list[list[int]]] = {}
+
+    def micro_batch(index: int) -> list[int]:
+        epoch, position = divmod(index, steps_per_epoch * config.grad_accum)
+        if epoch not in epoch_cache:
+            epoch_cache.clear()
+            epoch_cache[epoch] = micro_batches_for_epoch(data.train, config, epoch)
+        return epoch_cache[epoch][position % len(epoch_cache[epoch])]
+
+    progress = tqdm(total=max_steps, initial=start_step, desc=f"sft:{config.stage}", dynamic_ncols=True)
+    step = start_step
+    window: dict[str, float] = {"steps": 0, "loss": 0.0, "tokens": 0, "padding": 0, "cells": 0, "time": 0.0}
+    with StopRequest() as stop:
+        while step < max_steps and not stop:
+            began = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=max_steps,
+                                    schedule=config.lr_schedule)
+            batches = [collate([data.train[i] for i in micro_batch(step * config.grad_accum + k)], pad_id)
+                       for k in range(config.grad_accum)]
+            step_tokens = sum(int(b.loss_mask[:, 1:].sum()) for b in batches)  # the step's normaliser
+            optimizer.zero_grad(set_to_none=True)
+            step_loss = 0.0
+            for batch in batches:
+                nll, _ = masked_nll_sum(policy.model, _to_device(batch, device))
+                loss = nll / max(step_tokens, 1)
+                loss.backward()
+                step_loss += float(loss.detach())
+                window["padding"] += int((batch.attention_mask == 0).sum())
+                window["cells"] += batch.attention_mask.numel()
+            if not math.isfinite(step_loss):
+                optimizer.zero_grad(set_to_none=True)
+                raise SystemExit(f"step {step}: non-finite loss {step_loss}; lower --lr (checkpoints in {run_dir})")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
+            optimizer.step()
+            step += 1
+            window["steps"] += 1
+            window["loss"] += step_loss
+            window["tokens"] += step_tokens
+            window["time"] += time.perf_counter() - began
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.3f}")
+            evaluate_now = config.eval_every and step % config.eval_every == 0
+            if step % config.log_every == 0 or evaluate_now or step == max_steps:
+                metrics = {
+                    "loss": window["loss"] / max(window["steps"], 1), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
+                    "epoch": step / steps_per_epoch, "padding_share": window["padding"] / max(window["cells"], 1),
+                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
+                }
+                if evaluate_now or step == max_steps:
+                    metrics["val_loss"] = validation_loss(policy, data.validation, config, device)
+                logger.log(step, metrics)
+                window = dict.fromkeys(window, 0)
+            if config.save_every and step % config.save_every == 0 and step < max_steps:
+                save(step)
+    progress.close()
+    save(step)
+    logger.close()
+    if stop:
+        raise SystemExit(f"stopped by {stop.signal_name} at step {step}; resume with --resume --out {run_dir}")
+    return run_dir
