@@ -10,5 +10,15 @@
     data.inspect     `python -m data.inspect PATH` prints what a dataset holds
     data.synthetic   the built-in synthetic customer-service world
 
-Nothing is imported here, so `import data.types` stays cheap (no torch, no transformers).
+Only the light, pure-Python entry points are re-exported here (`from data import load_dataset`), so
+`import data.types` stays cheap: rendering, tokenizers and batching are imported from their modules.
 """
+
+from data.loaders import DataError, LoadStats, load_conversations, load_dataset, parse_apigen_rows
+from data.samples import conversation_samples, make_samples, split_conversations
+from data.types import Conversation, Sample, Turn, target_of
+
+__all__ = [
+    "Conversation", "DataError", "LoadStats", "Sample", "Turn", "conversation_samples", "load_conversations",
+    "load_dataset", "make_samples", "parse_apigen_rows", "split_conversations", "target_of",
+]
