@@ -1,0 +1,156 @@
+"""The paper's whole pipeline on the embedded default: what `python -m grpo.train` runs with no
+--init/--model.
+
+    python -m grpo.train                          # preset "default": about 20 minutes on 2 CPU cores
+    python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
+    python -m grpo.train --out runs/seed1 --seed 1
+
+Stages, each in its own directory under --out, each reused when a rerun finds it finished:
+
+    base-tiny/   a Qwen3-architecture model with random weights + a tokenizer trained on the
+                 synthetic training conversations                                (grpo/tiny.py)
+    sft-base/    stage 1: SFT on every training turn, empty think block; full fine-tuning,
+                 because LoRA cannot teach a random model a language               (sft/)
+    coldstart/   stage 2: LoRA SFT on <= 100 turns with written reasoning
+    grpo/        stage 3: GRPO from the cold-start checkpoint (fresh LoRA on the merged model)
+    eval/        the paper's table for untrained, SFT, cold start and RL on the synthetic test and
+                 out-of-domain test splits, prediction files, and plots             (eval/)
+
+This module is the only one above `sft` and `eval`; nothing imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from grpo.checkpoint import latest_checkpoint, write_json
+from grpo.config import config_to_dict, field, parse_config
+from grpo.policy import TinyModelConfig
+from grpo.tiny import prepare_tiny_base
+
+# Stage settings per preset.  Everything else takes the entry points' defaults.
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "default": {
+        "tiny": {"vocab_size": 2048, "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
+                                                "intermediate_size": 384}},
+        "sft_base": {"max_steps": 250, "micro_batch": 8, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 20,
+                     "lora": False, "eval_every": 50, "max_length": 768},
+        "coldstart": {"epochs": 3.0, "micro_batch": 2, "grad_accum": 4, "lr": 1e-3, "warmup_steps": 2, "lora_r": 16,
+                      "eval_every": 0, "val_fraction": 0.0, "max_length": 768},
+        "grpo": {"max_steps": 40, "prompts_per_step": 4, "group_size": 8, "rollout_batch_prompts": 4,
+                 "max_new_tokens": 96, "lr": 5e-4, "save_every": 20, "max_prompt_length": 768, "sample_every": 5,
+                 "train_micro_batch": 16},
+        "eval": {"limit": 200, "batch_size": 16, "max_new_tokens": 96},
+    },
+    "smoke": {
+        "tiny": {"vocab_size": 512, "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
+                                               "intermediate_size": 64}},
+        "sft_base": {"max_steps": 6, "micro_batch": 4, "grad_accum": 1, "lr": 3e-3, "warmup_steps": 1, "lora": False,
+                     "eval_every": 0, "max_samples": 64, "max_length": 768},
+        "coldstart": {"max_steps": 2, "micro_batch": 2, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 0,
+                      "eval_every": 0, "val_fraction": 0.0, "max_length": 768},
+        "grpo": {"max_steps": 2, "prompts_per_step": 2, "group_size": 4, "rollout_batch_prompts": 2,
+                 "max_new_tokens": 24, "lr": 5e-4, "save_every": 0, "max_prompt_length": 768, "sample_every": 1},
+        "eval": {"limit": 8, "batch_size": 8, "max_new_tokens": 24},
+    },
+}
+
+
+@dataclasses.dataclass
+class PipelineConfig:
+    preset: str = field("default", "stage budgets", choices=tuple(PRESETS))
+    out: str = field("runs/default", "run directory (one sub-directory per stage)")
+    seed: int = field(0, "seed of data generation, model initialisation, data order and sampling")
+    threads: int = field(0, "CPU threads for torch (0: torch's default)")
+    device: str = field("auto", "cpu, cuda or auto")
+    similarity: str = field("default", "answer similarity model: default (all-MiniLM-L6-v2), name/path, or lexical")
+    skip_eval: bool = field(False, "stop after GRPO")
+
+
+def _stage_done(directory: Path) -> Path | None:
+    marker = directory / "done.json"
+    if marker.is_file():
+        return latest_checkpoint(directory)
+    return None
+
+
+def _mark_done(directory: Path, seconds: float, checkpoint: Path | None) -> None:
+    write_json(directory / "done.json", {"seconds": round(seconds, 1), "checkpoint": str(checkpoint) if checkpoint else None})
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    from eval.run import EvalConfig, run_eval
+    from sft.trainer import SFTConfig, train as sft_train
+    from grpo.trainer import GRPOConfig, train as grpo_train
+
+    preset = PRESETS[config.preset]
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "pipeline.json", {"config": config_to_dict(config), "preset": preset})
+    common = {"seed": config.seed, "threads": config.threads, "device": config.device}
+    timings: dict[str, float] = {}
+
+    def stage(name: str, run: Any) -> Path | None:
+        directory = out / name
+        done = _stage_done(directory)
+        if done is not None or (directory / "done.json").is_file():
+            timings[name] = json.loads((directory / "done.json").read_text())["seconds"]
+            print(f"[pipeline] {name}: finished earlier ({timings[name]:.0f}s), reusing {done}")
+            return done
+        print(f"[pipeline] {name}: starting")
+        began = time.perf_counter()
+        run(directory)
+        timings[name] = time.perf_counter() - began
+        checkpoint = latest_checkpoint(directory)
+        _mark_done(directory, timings[name], checkpoint)
+        print(f"[pipeline] {name}: {timings[name]:.0f}s")
+        return checkpoint
+
+    tiny = preset["tiny"]
+    base_dir = out / "base-tiny"
+    began = time.perf_counter()
+    prepare_tiny_base(base_dir, seed=config.seed, vocab_size=tiny["vocab_size"], model_config=TinyModelConfig(**tiny["model"]))
+    timings["base-tiny"] = time.perf_counter() - began
+
+    sft_checkpoint = stage("sft-base", lambda d: sft_train(SFTConfig(
+        stage="base", model=str(base_dir), out=str(d), **common, **preset["sft_base"])))
+    coldstart_checkpoint = stage("coldstart", lambda d: sft_train(SFTConfig(
+        stage="coldstart", init=str(sft_checkpoint), out=str(d), **common, **preset["coldstart"])))
+    grpo_checkpoint = stage("grpo", lambda d: grpo_train(GRPOConfig(
+        init=str(coldstart_checkpoint), out=str(d), similarity=config.similarity, **common, **preset["grpo"])))
+
+    summary: dict[str, Any] = {"timings_s": timings, "checkpoints": {
+        "untrained": str(base_dir), "sft": str(sft_checkpoint), "coldstart": str(coldstart_checkpoint), "rl": str(grpo_checkpoint)}}
+    if not config.skip_eval:
+        began = time.perf_counter()
+        eval_config = EvalConfig(
+            checkpoint=f"untrained={base_dir},sft={sft_checkpoint},coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
+            data="synthetic:test,synthetic:ood_test", out=str(out / "eval"), seed=config.seed,
+            similarity=config.similarity, device=config.device, threads=config.threads, **preset["eval"],
+        )
+        summary["eval"] = run_eval(eval_config)
+        timings["eval"] = time.perf_counter() - began
+        try:
+            from eval.plot import plot_run
+
+            summary["plots"] = [str(p) for p in plot_run(out / "grpo", out / "plots", eval_dir=out / "eval")]
+        except ImportError as error:  # matplotlib is an optional extra
+            print(f"[pipeline] plots skipped: {error}")
+    timings["total"] = sum(v for k, v in timings.items() if k != "total")
+    write_json(out / "summary.json", summary)
+    print("[pipeline] stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_config(PipelineConfig, sys.argv[1:] if argv is None else argv, description=__doc__)
+    run_pipeline(config)
+
+
+if __name__ == "__main__":
+    main()
