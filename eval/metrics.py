@@ -1,0 +1,245 @@
+"""The paper's per-turn evaluation table, computed from one record per test turn (pure Python).
+
+Every test turn has a gold action kind (``tool_call`` or ``answer``) and a predicted kind
+(``tool_call``, ``answer`` or ``invalid`` when the completion could not be parsed).  With
+
+    n            = number of turns
+    gold_tool    = turns whose gold kind is tool_call          pred_tool    = predicted tool_call
+    gold_answer  = turns whose gold kind is answer             pred_answer  = predicted answer
+    tool_hit     = gold tool_call and predicted tool_call      answer_hit   = likewise for answers
+    right_name   = tool_hit turns whose predicted tool name equals the gold name
+    exact_args   = right_name turns whose arguments equal the gold arguments exactly
+                   (after JSON normalisation, see `normalize_json`)
+
+the table (DESIGN.md, "Evaluation: the paper's table") is
+
+    action accuracy   = (tool_hit + answer_hit) / n
+    tool precision    = tool_hit / pred_tool            answer precision = answer_hit / pred_answer
+    tool recall       = tool_hit / gold_tool            answer recall    = answer_hit / gold_answer
+    tool F1           = 2 tool_hit / (pred_tool + gold_tool)          (answer F1 likewise)
+    name accuracy     = right_name / gold_tool
+    parameter match   = exact_args / right_name
+    similarity        = mean similarity over the answer_hit turns
+
+The F1 is written as 2TP / (2TP + FP + FN), which equals the harmonic mean 2PR / (P + R) whenever
+both are defined and stays defined (0) when the model never predicts that kind but the gold has it.
+
+Also: the mean reward and the mean of each reward component, the mean think length in words, and
+the counts behind every share.  A share whose denominator is 0 is None (rendered "-"), never a
+crash or NaN; non-finite rewards are left out of the means (and counted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Mapping
+
+GOLD_KINDS: tuple[str, ...] = ("tool_call", "answer")
+PREDICTED_KINDS: tuple[str, ...] = ("tool_call", "answer", "invalid")
+
+# The table's columns in the paper's order: (metric key, column header).
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("action_accuracy", "Action acc."),
+    ("tool_precision", "Tool P"),
+    ("tool_recall", "Tool R"),
+    ("tool_f1", "Tool F1"),
+    ("tool_name_accuracy", "Name acc."),
+    ("tool_parameter_match", "Param. match"),
+    ("answer_precision", "Answer P"),
+    ("answer_recall", "Answer R"),
+    ("answer_f1", "Answer F1"),
+    ("answer_similarity", "Similarity"),
+)
+# The extra columns after the paper's: training-signal diagnostics.
+EXTRA_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("reward_mean", "Reward"),
+    ("reward_accuracy", "R_acc"),
+    ("reward_format", "R_fmt"),
+    ("reward_length", "R_len"),
+    ("think_words_mean", "Think words"),
+)
+
+
+@dataclass(frozen=True)
+class TurnRecord:
+    """What the table needs to know about one evaluated turn.
+
+    gold_kind: "tool_call" or "answer"; pred_kind: "tool_call", "answer" or "invalid".
+    gold_name/gold_arguments: the gold tool call (None for answers); pred_name/pred_arguments the
+    parsed prediction (None unless pred_kind is "tool_call").  similarity: semantic similarity of a
+    predicted answer to the gold answer (used only when both kinds are "answer").  reward and
+    components: the composite reward of the completion and its parts (accuracy, format, length,
+    ...).  think_words: words inside the <think> block (None when there is none to count).
+    """
+
+    gold_kind: str
+    pred_kind: str
+    gold_name: str | None = None
+    pred_name: str | None = None
+    gold_arguments: Any = None
+    pred_arguments: Any = None
+    similarity: float | None = None
+    reward: float | None = None
+    components: dict[str, float] = field(default_factory=dict)
+    think_words: int | None = None
+    success: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TurnRecord":
+        """Rebuild a record from a dict (e.g. a line of a predictions file); other keys are ignored."""
+        names = {f.name for f in fields(cls)}
+        missing = [name for name in ("gold_kind", "pred_kind") if name not in values]
+        if missing:
+            raise ValueError(f"a turn record needs {missing}; got keys {sorted(values)}")
+        return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def normalize_json(value: Any) -> Any:
+    """A canonical form of a JSON value, so that equal JSON compares equal.
+
+    Object key order does not matter (keys are sorted), a float with an integer value equals the
+    integer (1.0 == 1), tuples are lists, and booleans stay distinct from numbers (Python's
+    True == 1 would otherwise make them equal).  Strings are compared exactly.
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        return int(value) if value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {str(key): normalize_json(item) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(value, (list, tuple)):
+        return [normalize_json(item) for item in value]
+    return str(value)  # not JSON: compare its text
+
+
+def json_equal(left: Any, right: Any) -> bool:
+    """True when two JSON values are equal after `normalize_json` (bool never equals 1)."""
+    return json.dumps(normalize_json(left), sort_keys=True) == json.dumps(normalize_json(right), sort_keys=True)
+
+
+def share(numerator: float, denominator: float) -> float | None:
+    """numerator / denominator, or None when the denominator is 0."""
+    return numerator / denominator if denominator else None
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _finite_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check(record: Any, index: int) -> TurnRecord:
+    if isinstance(record, Mapping):
+        record = TurnRecord.from_dict(record)
+    if not isinstance(record, TurnRecord):
+        raise TypeError(f"record {index}: expected a TurnRecord or a dict, got {type(record).__name__}")
+    if record.gold_kind not in GOLD_KINDS:
+        raise ValueError(f"record {index}: gold_kind must be one of {GOLD_KINDS}, got {record.gold_kind!r}")
+    if record.pred_kind not in PREDICTED_KINDS:
+        raise ValueError(f"record {index}: pred_kind must be one of {PREDICTED_KINDS}, got {record.pred_kind!r}")
+    return record
+
+
+def aggregate(records: Iterable[TurnRecord | Mapping[str, Any]]) -> dict[str, Any]:
+    """The table row of a set of turns: every metric of the module docstring, plus "counts".
+
+    Accepts TurnRecords or their dicts.  Returns a flat dict of floats (or None where a
+    denominator is 0) with a nested "counts" dict of ints.  The input is not modified.
+    """
+    checked = [_check(record, index) for index, record in enumerate(records)]
+    n = len(checked)
+    gold_tool = sum(r.gold_kind == "tool_call" for r in checked)
+    gold_answer = sum(r.gold_kind == "answer" for r in checked)
+    pred_tool = sum(r.pred_kind == "tool_call" for r in checked)
+    pred_answer = sum(r.pred_kind == "answer" for r in checked)
+    pred_invalid = sum(r.pred_kind == "invalid" for r in checked)
+    tool_hits = [r for r in checked if r.gold_kind == r.pred_kind == "tool_call"]
+    answer_hits = [r for r in checked if r.gold_kind == r.pred_kind == "answer"]
+    right_name = [r for r in tool_hits if r.pred_name == r.gold_name]
+    exact_args = [r for r in right_name if json_equal(r.pred_arguments, r.gold_arguments)]
+    similarities = [float(r.similarity) for r in answer_hits if _finite_number(r.similarity)]
+
+    rewards = [float(r.reward) for r in checked if _finite_number(r.reward)]
+    nonfinite_rewards = sum(r.reward is not None and not _finite_number(r.reward) for r in checked)
+    component_values: dict[str, list[float]] = {}
+    for record in checked:
+        for name, value in record.components.items():
+            if _finite_number(value):
+                component_values.setdefault(name, []).append(float(value))
+    think_words = [float(r.think_words) for r in checked if _finite_number(r.think_words)]
+    successes = [bool(r.success) for r in checked if r.success is not None]
+
+    metrics: dict[str, Any] = {
+        "action_accuracy": share(len(tool_hits) + len(answer_hits), n),
+        "tool_precision": share(len(tool_hits), pred_tool),
+        "tool_recall": share(len(tool_hits), gold_tool),
+        "tool_f1": share(2 * len(tool_hits), pred_tool + gold_tool),
+        "tool_name_accuracy": share(len(right_name), gold_tool),
+        "tool_parameter_match": share(len(exact_args), len(right_name)),
+        "answer_precision": share(len(answer_hits), pred_answer),
+        "answer_recall": share(len(answer_hits), gold_answer),
+        "answer_f1": share(2 * len(answer_hits), pred_answer + gold_answer),
+        "answer_similarity": _mean(similarities),
+        "reward_mean": _mean(rewards),
+    }
+    for name in sorted(component_values):
+        metrics[f"reward_{name}"] = _mean(component_values[name])
+    metrics["think_words_mean"] = _mean(think_words)
+    metrics["success_rate"] = share(sum(successes), len(successes))
+    metrics["counts"] = {
+        "turns": n,
+        "gold_tool": gold_tool,
+        "gold_answer": gold_answer,
+        "pred_tool": pred_tool,
+        "pred_answer": pred_answer,
+        "pred_invalid": pred_invalid,
+        "tool_hits": len(tool_hits),
+        "tool_right_name": len(right_name),
+        "tool_exact_arguments": len(exact_args),
+        "answer_hits": len(answer_hits),
+        "answer_with_similarity": len(similarities),
+        "nonfinite_rewards": nonfinite_rewards,
+    }
+    return metrics
+
+
+def format_value(value: Any, digits: int = 3) -> str:
+    """A table cell: None -> "-", floats with `digits` decimals, anything else as text."""
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if math.isfinite(value) else "-"
+    return str(value)
+
+
+def format_table(rows: Mapping[str, Mapping[str, Any]], *, title: str | None = None, extra: bool = True,
+                 digits: int = 3) -> str:
+    """A Markdown table in the paper's layout: one row per checkpoint (in the given order).
+
+    Columns: checkpoint, the paper's ten metrics (action accuracy; tool P/R/F1, name accuracy,
+    parameter match; answer P/R/F1, similarity), then (with `extra`) mean reward, its accuracy,
+    format and length components, mean think words, and the number of turns.  Missing metrics and
+    None values are shown as "-".
+    """
+    columns = list(TABLE_COLUMNS) + (list(EXTRA_COLUMNS) if extra else [])
+    header = ["Checkpoint"] + [label for _, label in columns] + (["Turns"] if extra else [])
+    lines = []
+    if title:
+        lines += [f"### {title}", ""]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
+    for name, metrics in rows.items():
+        cells = [str(name)] + [format_value(metrics.get(key), digits) for key, _ in columns]
+        if extra:
+            cells.append(format_value(metrics.get("counts", {}).get("turns")))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

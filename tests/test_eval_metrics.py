@@ -1,0 +1,213 @@
+"""The paper's table (eval/metrics.py) on hand-computed records, and its edge cases."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from eval.metrics import TurnRecord, aggregate, format_table, format_value, json_equal, normalize_json
+
+
+def tool(name, arguments):
+    return {"kind": "tool_call", "name": name, "arguments": arguments}
+
+
+def record(gold, pred, *, similarity=None, reward=None, components=None, think=None, success=None):
+    """A TurnRecord from a gold and a predicted action: ("answer",) or ("tool_call", name, args) or ("invalid",)."""
+    return TurnRecord(
+        gold_kind=gold[0], pred_kind=pred[0],
+        gold_name=gold[1] if gold[0] == "tool_call" else None,
+        gold_arguments=gold[2] if gold[0] == "tool_call" else None,
+        pred_name=pred[1] if pred[0] == "tool_call" else None,
+        pred_arguments=pred[2] if pred[0] == "tool_call" else None,
+        similarity=similarity, reward=reward, components=components or {}, think_words=think, success=success,
+    )
+
+
+ANSWER, INVALID = ("answer",), ("invalid",)
+
+
+@pytest.fixture
+def twelve():
+    """Twelve turns, one for every cell of the table (hand counts in the test below)."""
+    return [
+        # 1: right tool, arguments equal after normalisation (1.0 == 1)
+        record(("tool_call", "A", {"x": 1}), ("tool_call", "A", {"x": 1.0}), reward=3.0,
+               components={"accuracy": 2.0, "format": 1.0, "length": 0.0}, think=20, success=True),
+        # 2: right tool, same arguments in another key order
+        record(("tool_call", "A", {"x": 1, "y": "b"}), ("tool_call", "A", {"y": "b", "x": 1}), reward=2.5,
+               components={"accuracy": 2.0, "format": 1.0, "length": 0.5}, think=7, success=True),
+        # 3: right tool, true is not 1
+        record(("tool_call", "A", {"flag": True}), ("tool_call", "A", {"flag": 1}), reward=2.0,
+               components={"accuracy": 1.5, "format": 0.5, "length": 0.0}, think=0, success=False),
+        # 4: a tool call, but the wrong tool
+        record(("tool_call", "B", {"q": "x"}), ("tool_call", "C", {"q": "x"}), reward=1.0,
+               components={"accuracy": 1.0, "format": 0.0, "length": 0.0}, think=3),
+        # 5: gold tool, predicted an answer
+        record(("tool_call", "B", {}), ANSWER, reward=-1.0, components={"accuracy": -1.0}),
+        # 6: gold tool, unparsable output
+        record(("tool_call", "A", {"x": 2}), INVALID, reward=float("nan"), components={"accuracy": float("nan")}),
+        # 7, 8: answer hits with similarities 0.8 and 0.4
+        record(ANSWER, ANSWER, similarity=0.8, reward=2.0, components={"accuracy": 1.8}),
+        record(ANSWER, ANSWER, similarity=0.4, reward=1.0, components={"accuracy": 1.4}),
+        # 9: gold answer, predicted a tool call
+        record(ANSWER, ("tool_call", "A", {})),
+        # 10: gold answer, unparsable
+        record(ANSWER, INVALID),
+        # 11: an answer hit without a similarity value (left out of the similarity mean)
+        record(ANSWER, ANSWER),
+        # 12: right tool with empty arguments
+        record(("tool_call", "A", {}), ("tool_call", "A", {})),
+    ]
+
+
+def test_every_cell_by_hand(twelve):
+    metrics = aggregate(twelve)
+    # gold tool: 1-6, 12 (7); gold answer: 7-11 (5); pred tool: 1-4, 9, 12 (6); pred answer: 5, 7, 8, 11 (4)
+    # tool hits: 1-4, 12 (5); answer hits: 7, 8, 11 (3); right name: 1, 2, 3, 12 (4); exact args: 1, 2, 12 (3)
+    assert metrics["counts"] == {
+        "turns": 12, "gold_tool": 7, "gold_answer": 5, "pred_tool": 6, "pred_answer": 4, "pred_invalid": 2,
+        "tool_hits": 5, "tool_right_name": 4, "tool_exact_arguments": 3, "answer_hits": 3,
+        "answer_with_similarity": 2, "nonfinite_rewards": 1,
+    }
+    expected = {
+        "action_accuracy": 8 / 12,
+        "tool_precision": 5 / 6,
+        "tool_recall": 5 / 7,
+        "tool_f1": 10 / 13,
+        "tool_name_accuracy": 4 / 7,
+        "tool_parameter_match": 3 / 4,
+        "answer_precision": 3 / 4,
+        "answer_recall": 3 / 5,
+        "answer_f1": 6 / 9,
+        "answer_similarity": 0.6,
+        "reward_mean": (3.0 + 2.5 + 2.0 + 1.0 - 1.0 + 2.0 + 1.0) / 7,
+        "reward_accuracy": (2.0 + 2.0 + 1.5 + 1.0 - 1.0 + 1.8 + 1.4) / 7,
+        "reward_format": (1.0 + 1.0 + 0.5 + 0.0) / 4,
+        "reward_length": 0.5 / 4,
+        "think_words_mean": (20 + 7 + 0 + 3) / 4,
+        "success_rate": 2 / 3,
+    }
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value), key
+    assert set(metrics) == set(expected) | {"counts"}
+
+
+def test_f1_is_the_harmonic_mean_when_both_are_defined(twelve):
+    metrics = aggregate(twelve)
+    for kind in ("tool", "answer"):
+        precision, recall = metrics[f"{kind}_precision"], metrics[f"{kind}_recall"]
+        assert metrics[f"{kind}_f1"] == pytest.approx(2 * precision * recall / (precision + recall))
+
+
+def test_no_records_gives_none_not_nan():
+    metrics = aggregate([])
+    assert all(value is None for key, value in metrics.items() if key != "counts")
+    assert metrics["counts"]["turns"] == 0
+
+
+def test_model_that_never_calls_tools():
+    records = [record(("tool_call", "A", {}), ANSWER), record(ANSWER, ANSWER, similarity=1.0)]
+    metrics = aggregate(records)
+    assert metrics["tool_precision"] is None  # no tool predictions: undefined
+    assert metrics["tool_recall"] == 0.0
+    assert metrics["tool_f1"] == 0.0  # 2TP / (pred + gold) = 0 / 1: defined
+    assert metrics["tool_name_accuracy"] == 0.0
+    assert metrics["tool_parameter_match"] is None  # no turn with the right name
+    assert metrics["answer_precision"] == 0.5 and metrics["answer_recall"] == 1.0
+    assert metrics["answer_similarity"] == 1.0
+    assert metrics["reward_mean"] is None and metrics["think_words_mean"] is None
+
+
+def test_only_answers_leaves_tool_cells_empty():
+    metrics = aggregate([record(ANSWER, ANSWER, similarity=0.5), record(ANSWER, INVALID)])
+    for key in ("tool_precision", "tool_recall", "tool_f1", "tool_name_accuracy", "tool_parameter_match"):
+        assert metrics[key] is None, key
+    assert metrics["action_accuracy"] == 0.5
+    assert metrics["answer_f1"] == pytest.approx(2 / 3)
+
+
+def test_all_invalid():
+    metrics = aggregate([record(ANSWER, INVALID), record(("tool_call", "A", {}), INVALID)])
+    assert metrics["action_accuracy"] == 0.0
+    assert metrics["tool_precision"] is None and metrics["answer_precision"] is None
+    assert metrics["tool_f1"] == 0.0 and metrics["answer_f1"] == 0.0
+    assert metrics["answer_similarity"] is None
+    assert metrics["counts"]["pred_invalid"] == 2
+
+
+def test_accepts_dicts_and_leaves_input_unchanged(twelve):
+    as_dicts = [r.to_dict() | {"completion": "ignored", "conversation_id": "c"} for r in twelve]
+    before = copy.deepcopy(as_dicts)
+    assert aggregate(as_dicts) == aggregate(twelve)
+    assert as_dicts == before
+
+
+def test_bad_records_name_their_index():
+    with pytest.raises(ValueError, match="record 1: gold_kind"):
+        aggregate([record(ANSWER, ANSWER), TurnRecord(gold_kind="tool", pred_kind="answer")])
+    with pytest.raises(ValueError, match="record 0: pred_kind"):
+        aggregate([TurnRecord(gold_kind="answer", pred_kind="nonsense")])
+    with pytest.raises(ValueError, match="needs"):
+        aggregate([{"gold_kind": "answer"}])
+    with pytest.raises(TypeError, match="record 0"):
+        aggregate([42])
+
+
+@pytest.mark.parametrize(
+    ("left", "right", "equal"),
+    [
+        ({"a": 1, "b": [1, 2]}, {"b": [1.0, 2], "a": 1.0}, True),
+        ({"a": True}, {"a": 1}, False),
+        ({"a": [1, 2]}, {"a": [2, 1]}, False),  # list order matters
+        ({"a": "x"}, {"a": "x "}, False),  # strings exactly
+        ({"a": None}, {}, False),
+        ({"a": {"b": (1, 2)}}, {"a": {"b": [1, 2]}}, True),
+        ({}, {}, True),
+        ({"a": 0.5}, {"a": 0.5}, True),
+    ],
+)
+def test_json_equal(left, right, equal):
+    assert json_equal(left, right) is equal
+
+
+def test_normalize_json_does_not_mutate():
+    value = {"b": [1.0, {"c": 2.0}], "a": True}
+    before = copy.deepcopy(value)
+    assert normalize_json(value) == {"a": True, "b": [1, {"c": 2}]}
+    assert value == before
+
+
+def test_format_table_layout(twelve):
+    rows = {"base": aggregate([record(ANSWER, INVALID)]), "RL": aggregate(twelve)}
+    table = format_table(rows, title="synthetic:test")
+    lines = table.strip().splitlines()
+    assert lines[0] == "### synthetic:test"
+    header = [cell.strip() for cell in lines[2].strip("|").split("|")]
+    assert header[:11] == ["Checkpoint", "Action acc.", "Tool P", "Tool R", "Tool F1", "Name acc.", "Param. match",
+                           "Answer P", "Answer R", "Answer F1", "Similarity"]
+    assert header[-1] == "Turns"
+    base = [cell.strip() for cell in lines[4].strip("|").split("|")]
+    rl = [cell.strip() for cell in lines[5].strip("|").split("|")]
+    assert len(base) == len(rl) == len(header)
+    assert base[0] == "base" and base[1] == "0.000" and base[2] == "-"  # no tool predictions
+    assert rl[0] == "RL" and rl[1] == "0.667" and rl[4] == "0.769" and rl[10] == "0.600" and rl[-1] == "12"
+    assert "nan" not in table.lower()
+
+
+def test_format_table_without_extra_columns():
+    table = format_table({"x": {}}, extra=False)
+    header = table.splitlines()[0].strip("|").split("|")
+    assert len(header) == 11
+    assert table.splitlines()[2] == "| x | " + " | ".join(["-"] * 10) + " |"
+
+
+def test_format_value():
+    assert format_value(None) == "-"
+    assert format_value(float("nan")) == "-"
+    assert format_value(1 / 3) == "0.333"
+    assert format_value(7) == "7"
+    infinite = aggregate([record(ANSWER, ANSWER, reward=float("inf"), similarity=float("nan"))])
+    assert infinite["counts"]["nonfinite_rewards"] == 1
+    assert infinite["reward_mean"] is None and infinite["answer_similarity"] is None
