@@ -9,7 +9,8 @@ Every test turn has a gold action kind (``tool_call`` or ``answer``) and a predi
     tool_hit     = gold tool_call and predicted tool_call      answer_hit   = likewise for answers
     right_name   = tool_hit turns whose predicted tool name equals the gold name
     exact_args   = right_name turns whose arguments equal the gold arguments exactly
-                   (after JSON normalisation, see `normalize_json`)
+                   (after the JSON normalisation of `rewards.parse.json_equal`: key order does
+                   not matter, 1.0 == 1, true != 1; the same test as the reward's arguments_match)
 
 the table (DESIGN.md, "Evaluation: the paper's table") is
 
@@ -24,20 +25,23 @@ the table (DESIGN.md, "Evaluation: the paper's table") is
 The F1 is written as 2TP / (2TP + FP + FN), which equals the harmonic mean 2PR / (P + R) whenever
 both are defined and stays defined (0) when the model never predicts that kind but the gold has it.
 
-Also: the mean reward and the mean of each reward component, the mean think length in words, and
+Also: the mean reward and the mean of each reward component (accuracy, format, length), the mean think length in words, and
 the counts behind every share.  A share whose denominator is 0 is None (rendered "-"), never a
 crash or NaN; non-finite rewards are left out of the means (and counted).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
+from rewards.parse import json_equal
+
 GOLD_KINDS: tuple[str, ...] = ("tool_call", "answer")
 PREDICTED_KINDS: tuple[str, ...] = ("tool_call", "answer", "invalid")
+# The reward components that enter the total (rewards/score.py); their means are reported.
+REWARD_COMPONENTS: tuple[str, ...] = ("accuracy", "format", "length")
 
 # The table's columns in the paper's order: (metric key, column header).
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
@@ -71,7 +75,8 @@ class TurnRecord:
     parsed prediction (None unless pred_kind is "tool_call").  similarity: semantic similarity of a
     predicted answer to the gold answer (used only when both kinds are "answer").  reward and
     components: the composite reward of the completion and its parts (accuracy, format, length,
-    ...).  think_words: words inside the <think> block (None when there is none to count).
+    ...; only REWARD_COMPONENTS are averaged).  think_words: words inside the <think> block
+    (None when there is none to count).  success: the reward's success flag, when known.
     """
 
     gold_kind: str
@@ -97,31 +102,6 @@ class TurnRecord:
         if missing:
             raise ValueError(f"a turn record needs {missing}; got keys {sorted(values)}")
         return cls(**{key: value for key, value in values.items() if key in names})
-
-
-def normalize_json(value: Any) -> Any:
-    """A canonical form of a JSON value, so that equal JSON compares equal.
-
-    Object key order does not matter (keys are sorted), a float with an integer value equals the
-    integer (1.0 == 1), tuples are lists, and booleans stay distinct from numbers (Python's
-    True == 1 would otherwise make them equal).  Strings are compared exactly.
-    """
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float):
-        return int(value) if value.is_integer() else value
-    if isinstance(value, Mapping):
-        return {str(key): normalize_json(item) for key, item in sorted(value.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(value, (list, tuple)):
-        return [normalize_json(item) for item in value]
-    return str(value)  # not JSON: compare its text
-
-
-def json_equal(left: Any, right: Any) -> bool:
-    """True when two JSON values are equal after `normalize_json` (bool never equals 1)."""
-    return json.dumps(normalize_json(left), sort_keys=True) == json.dumps(normalize_json(right), sort_keys=True)
 
 
 def share(numerator: float, denominator: float) -> float | None:
@@ -170,11 +150,11 @@ def aggregate(records: Iterable[TurnRecord | Mapping[str, Any]]) -> dict[str, An
 
     rewards = [float(r.reward) for r in checked if _finite_number(r.reward)]
     nonfinite_rewards = sum(r.reward is not None and not _finite_number(r.reward) for r in checked)
-    component_values: dict[str, list[float]] = {}
+    component_values: dict[str, list[float]] = {name: [] for name in REWARD_COMPONENTS}
     for record in checked:
-        for name, value in record.components.items():
-            if _finite_number(value):
-                component_values.setdefault(name, []).append(float(value))
+        for name in REWARD_COMPONENTS:
+            if _finite_number(record.components.get(name)):
+                component_values[name].append(float(record.components[name]))
     think_words = [float(r.think_words) for r in checked if _finite_number(r.think_words)]
     successes = [bool(r.success) for r in checked if r.success is not None]
 
@@ -191,7 +171,7 @@ def aggregate(records: Iterable[TurnRecord | Mapping[str, Any]]) -> dict[str, An
         "answer_similarity": _mean(similarities),
         "reward_mean": _mean(rewards),
     }
-    for name in sorted(component_values):
+    for name in REWARD_COMPONENTS:
         metrics[f"reward_{name}"] = _mean(component_values[name])
     metrics["think_words_mean"] = _mean(think_words)
     metrics["success_rate"] = share(sum(successes), len(successes))
