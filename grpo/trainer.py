@@ -269,9 +269,7 @@ def rollout_and_score(
 
     lengths = torch.tensor([r["length"] for r in records], dtype=torch.float32)
     metrics: dict[str, Any] = {
-        **{f"reward/{k}": v for k, v in advantage_stats(rewards).items()},
-        "reward/mean": float(rewards[torch.isfinite(rewards)].mean()) if torch.isfinite(rewards).any() else float("nan"),
-        "reward/std": float(rewards[torch.isfinite(rewards)].std()) if torch.isfinite(rewards).sum() > 1 else 0.0,
+        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(rewards).items()},
         "success_rate": sum(r["success"] for r in records) / len(records),
         "completion/length_mean": float(lengths.mean()),
         "completion/length_max": float(lengths.max()),
@@ -323,7 +321,6 @@ def policy_update(
     micro = [m for batch in batches for m in _micro_batches(batch, config.train_micro_batch)]
     num_sequences = sum(int(m.input_ids.shape[0]) for m in micro)
     num_items = int(sum(m.completion_mask.sum() for m in micro))
-    max_len = max(int(m.completion_mask.shape[1]) for m in micro)
 
     old_logprobs: list[torch.Tensor | None] = [None] * len(micro)
     ref_logprobs: list[torch.Tensor | None] = [None] * len(micro)
@@ -350,7 +347,7 @@ def policy_update(
             loss, loss_metrics = policy_loss(
                 logprobs, m.advantages, m.completion_mask, old_logprobs=old_logprobs[i], ref_logprobs=ref_logprobs[i],
                 beta=config.beta, epsilon_low=config.epsilon_low, epsilon_high=config.epsilon_high,
-                loss_type=config.loss_type, max_completion_length=max_len, num_items=num_items,
+                loss_type=config.loss_type, max_completion_length=config.max_new_tokens, num_items=num_items,
                 num_sequences=num_sequences,
             )
             if not torch.isfinite(loss):
@@ -361,9 +358,9 @@ def policy_update(
             tokens = float(m.completion_mask.sum())
             train_tokens += int(m.attention_mask.sum())
             weight = tokens / max(num_items, 1)
-            for key, value in loss_metrics.items():
+            for key, value in loss_metrics.items():  # token-weighted means, except counts
                 if isinstance(value, (int, float)):
-                    sums[key] = sums.get(key, 0.0) + float(value) * weight
+                    sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key == "num_tokens" else weight)
             sums["entropy"] = sums.get("entropy", 0.0) + float((entropy * m.completion_mask).sum()) / max(num_items, 1)
         if nonfinite:
             optimizer.zero_grad(set_to_none=True)
