@@ -1,0 +1,484 @@
+"""The policy layer: load a causal LM, attach LoRA, chain training stages, and score tokens.
+
+Shared by `grpo`, `sft` and `eval`.  Four things live here:
+
+1. Loading.  `load_base_model` opens any Hugging Face causal LM by hub name or local directory
+   (safetensors only, `trust_remote_code` off unless asked); `build_tiny_model` builds a small
+   random Qwen3 from a config for tests and `--model tiny`.
+
+2. Stage chaining.  A checkpoint written by `save_policy` holds `lineage.json`:
+
+       {"base": <hub name or directory of a full model>, "adapters": [<adapter dir>, ...]}
+
+   `load_policy(init=CHECKPOINT)` loads the base, merges every adapter into it in order
+   (W <- W + (alpha/r) B A, one adapter at a time, in memory) and attaches a *fresh* LoRA adapter,
+   whose B = 0 initialisation makes the new policy start exactly at the merged model.  That merged
+   model is the stage's reference policy: `reference_mode(policy)` switches the adapter off, so the
+   KL reference costs no second copy of the weights.
+
+3. Saving.  `save_policy` writes `adapter/` (peft, safetensors) or `model/` (full fine-tuning),
+   `tokenizer/` and `lineage.json`.  Paths inside the checkpoint are stored relative to it, so the
+   caller may write into a temporary directory and rename it afterwards.
+
+4. Scoring.  `token_logprobs` returns log pi(y_t | x, y_<t) of completion tokens at a sampling
+   temperature tau (logits divided by tau, as TRL does), projecting only the hidden states that
+   predict completion tokens onto the vocabulary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor
+
+LINEAGE_FILE = "lineage.json"
+ADAPTER_DIR = "adapter"
+MODEL_DIR = "model"
+TOKENIZER_DIR = "tokenizer"
+
+# Architectures whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no soft-capping,
+# no logit scaling).  For these `token_logprobs` runs the decoder and the head itself, which lets it
+# project (and chunk) only the positions it needs; any other model goes through its own forward
+# with `logits_to_keep`.
+PLAIN_HEAD_MODEL_TYPES: frozenset[str] = frozenset({
+    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2",
+    "smollm3", "gpt_neox",
+})
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration containers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraSettings:
+    """LoRA hyper-parameters; the default targets are the paper's (every attention and MLP projection)."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = (
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r <= 0:
+            raise ValueError(f"LoraSettings.r must be positive, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoraSettings.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoraSettings.target_modules is empty")
+        self.target_modules = tuple(self.target_modules)
+
+
+@dataclass
+class TinyModelConfig:
+    """A small Qwen3-architecture model (random weights) for tests and `--model tiny`."""
+
+    hidden_size: int = 128
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 384
+    max_position_embeddings: int = 2048
+    head_dim: int | None = None  # None: hidden_size // num_heads
+    tie_word_embeddings: bool = True
+
+
+@dataclass
+class Policy:
+    """A trainable causal LM with its tokenizer and where it came from.
+
+    model: a `peft.PeftModel` when `use_lora`, else the plain transformers model (all parameters
+    trainable).  lineage: `{"base": str, "adapters": [str, ...]}`, the full model and the adapters
+    merged into it, in order, to obtain this policy's starting point (the reference policy).
+    """
+
+    model: Any
+    tokenizer: Any
+    lineage: dict[str, Any] = field(default_factory=lambda: {"base": "", "adapters": []})
+    use_lora: bool = True
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.device]:
+    """The dtype and device of a model's first parameter."""
+    parameter = next(model.parameters())
+    return parameter.dtype, parameter.device
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """bf16 on accelerators, fp32 on the CPU."""
+    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
+    if dtype is None:
+        return default_dtype(device)
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
+    return names[dtype]
+
+
+def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers causal LM inside `model` (a PeftModel's base model keeps its LoRA layers)."""
+    get_base_model = getattr(model, "get_base_model", None)
+    return get_base_model() if callable(get_base_model) else model
+
+
+def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
+    """Positions that count only real tokens: for mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2].
+
+    Left padding therefore does not shift a prompt's rotary positions; pad positions get 0 (they
+    are masked out as keys and their outputs are never read).
+    """
+    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading models
+# ----------------------------------------------------------------------------------------------
+
+
+def build_tiny_model(tokenizer: Any, config: TinyModelConfig = TinyModelConfig(), *, seed: int = 0):
+    """A randomly initialised `Qwen3ForCausalLM` whose vocabulary is the tokenizer's.
+
+    The weights depend only on `seed`; the global torch RNG is left untouched.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if config.hidden_size % config.num_heads and config.head_dim is None:
+        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}; set head_dim")
+    if config.num_heads % config.num_kv_heads:
+        raise ValueError(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
+    eos_token_id = tokenizer.eos_token_id
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
+    qwen3_config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        intermediate_size=config.intermediate_size,
+        max_position_embeddings=config.max_position_embeddings,
+        head_dim=config.head_dim or config.hidden_size // config.num_heads,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(qwen3_config)
+    model.generation_config.eos_token_id = eos_token_id
+    model.generation_config.pad_token_id = pad_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model
+
+
+def load_base_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+                    trust_remote_code: bool = False):
+    """(model, tokenizer) from a hub name or a local directory; safetensors weights only.
+
+    dtype None: bf16 on an accelerator, fp32 on the CPU.  The tokenizer is read from
+    `name_or_path` (or its `tokenizer/` subdirectory when the directory is one of our checkpoints).
+    """
+    model = load_model_weights(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return model, load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
+
+
+def load_model_weights(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
+                       trust_remote_code: bool = False):
+    """The causal LM alone (see `load_base_model`)."""
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = _resolve_dtype(dtype, device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
+        )
+    except OSError as error:
+        raise OSError(f"could not load a causal LM from {name_or_path!r} (a hub name or a directory "
+                      f"with config.json and *.safetensors is expected): {error}") from error
+    return model.to(device)
+
+
+def load_tokenizer(name_or_path: str | Path, *, trust_remote_code: bool = False):
+    """AutoTokenizer from a hub name or directory, with a pad token (the EOS token when it has none)."""
+    from transformers import AutoTokenizer
+
+    location = Path(name_or_path)
+    if (location / TOKENIZER_DIR).is_dir():
+        location = location / TOKENIZER_DIR
+    source = str(location) if location.exists() else str(name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------
+# Policies, stage chaining, checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def attach_lora(model: torch.nn.Module, lora: LoraSettings):
+    """Wrap `model` in a PeftModel with one fresh LoRA adapter (B = 0, so outputs are unchanged)."""
+    from peft import LoraConfig, get_peft_model
+
+    module_names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [name for name in lora.target_modules if name not in module_names]
+    if len(missing) == len(lora.target_modules):
+        raise ValueError(f"none of the LoRA target modules {list(lora.target_modules)} exist in "
+                         f"{type(model).__name__}; pass target_modules that name its linear layers")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=[name for name in lora.target_modules if name not in missing],
+                        task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def policy_from_model(model: torch.nn.Module, tokenizer: Any, *, base: str,
+                      lora: LoraSettings | None = LoraSettings()) -> Policy:
+    """A Policy around an in-memory model (e.g. from `build_tiny_model`).
+
+    `base` must name where this exact model is saved (a directory written with `save_base_model`
+    or a hub name), so that checkpoints of the policy can be reloaded.
+    """
+    lineage = {"base": str(base), "adapters": []}
+    return _finish_policy(model, tokenizer, lineage, lora)
+
+
+def save_base_model(model: torch.nn.Module, tokenizer: Any, directory: str | Path) -> Path:
+    """Save a full model and its tokenizer (safetensors) so it can serve as a lineage base."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _finish_policy(model: torch.nn.Module, tokenizer: Any, lineage: dict[str, Any],
+                   lora: LoraSettings | None) -> Policy:
+    if lora is None:
+        for parameter in model.parameters():
+            parameter.requires_grad_(True)
+        return Policy(model=model, tokenizer=tokenizer, lineage=lineage, use_lora=False)
+    return Policy(model=attach_lora(model, lora), tokenizer=tokenizer, lineage=lineage, use_lora=True)
+
+
+def read_lineage(checkpoint: str | Path) -> dict[str, Any]:
+    """`lineage.json` of a checkpoint with every path resolved to an absolute path.
+
+    An entry is resolved against the checkpoint directory when that path exists there (entries
+    inside the checkpoint are stored relative to it); otherwise it is kept as written (an absolute
+    path or a hub name).
+    """
+    checkpoint = Path(checkpoint).resolve()
+    lineage_path = checkpoint / LINEAGE_FILE
+    if not lineage_path.is_file():
+        raise FileNotFoundError(f"{checkpoint} is not a policy checkpoint: {LINEAGE_FILE} is missing")
+    raw = json.loads(lineage_path.read_text())
+    if not isinstance(raw, dict) or "base" not in raw or not isinstance(raw.get("adapters", []), list):
+        raise ValueError(f"{lineage_path} must hold {{'base': str, 'adapters': [str, ...]}}, got {raw!r}")
+
+    def resolve(entry: str) -> str:
+        candidate = checkpoint / entry
+        return str(candidate.resolve()) if not Path(entry).is_absolute() and candidate.exists() else entry
+
+    return {"base": resolve(raw["base"]), "adapters": [resolve(entry) for entry in raw.get("adapters", [])]}
+
+
+def load_policy(*, base: str | None = None, init: str | Path | None = None,
+                lora: LoraSettings | None = LoraSettings(), dtype: torch.dtype | str | None = None,
+                device: str = "cpu", trust_remote_code: bool = False) -> Policy:
+    """Load the starting point of a training stage and make it trainable.
+
+    Exactly one of `base` (hub name or directory of a full model) and `init` (a checkpoint written
+    by `save_policy`).  With `init`, the lineage base is loaded and each recorded adapter merged
+    into it in order; the merged model is the new stage's reference policy.  Then `lora` attaches a
+    fresh adapter, or `lora=None` makes every parameter trainable (full fine-tuning).
+    """
+    from peft import PeftModel
+
+    if (base is None) == (init is None):
+        raise ValueError(f"load_policy needs exactly one of base= or init=, got base={base!r}, init={init!r}")
+    if init is not None:
+        lineage = read_lineage(init)
+        tokenizer_source: str | Path = Path(init) if (Path(init) / TOKENIZER_DIR).is_dir() else lineage["base"]
+    else:
+        base_path = Path(str(base))
+        lineage = {"base": str(base_path.resolve()) if base_path.exists() else str(base), "adapters": []}
+        tokenizer_source = lineage["base"]
+
+    model = load_model_weights(lineage["base"], dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    for adapter_dir in lineage["adapters"]:
+        if not Path(adapter_dir, "adapter_config.json").is_file():
+            raise FileNotFoundError(f"adapter {adapter_dir!r} from the lineage of {init} is missing")
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    tokenizer = load_tokenizer(tokenizer_source, trust_remote_code=trust_remote_code)
+    return _finish_policy(model, tokenizer, lineage, lora)
+
+
+def _relative_or_absolute(path: str, checkpoint: Path) -> str:
+    """`path` relative to `checkpoint` when it lies inside it; else absolute (or a hub name, unchanged)."""
+    candidate = Path(path)
+    if not candidate.exists():
+        return path  # a hub name
+    candidate = candidate.resolve()
+    try:
+        return str(candidate.relative_to(checkpoint))
+    except ValueError:
+        return str(candidate)
+
+
+def save_policy(policy: Policy, directory: str | Path) -> None:
+    """Write `adapter/` or `model/`, `tokenizer/` and `lineage.json` into `directory`.
+
+    LoRA: `adapter/` is loadable with `PeftModel.from_pretrained(merged_base, directory/"adapter")`,
+    and the lineage gains this adapter after its parents.  Full fine-tuning: `model/` is a complete
+    model, which becomes the lineage base (no adapters).  Weights are safetensors only.
+    """
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    if policy.use_lora:
+        policy.model.save_pretrained(directory / ADAPTER_DIR, safe_serialization=True)
+        lineage = {
+            "base": _relative_or_absolute(policy.lineage["base"], directory),
+            "adapters": [_relative_or_absolute(entry, directory) for entry in policy.lineage["adapters"]]
+            + [ADAPTER_DIR],
+        }
+    else:
+        policy.model.save_pretrained(directory / MODEL_DIR, safe_serialization=True)
+        lineage = {"base": MODEL_DIR, "adapters": []}
+    policy.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+    (directory / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def reference_mode(policy: Policy) -> Iterator[None]:
+    """Run the reference policy (the stage's starting point) inside this context.
+
+    With LoRA that is the same model with its adapter switched off.  Full fine-tuning has no
+    adapter to switch off: the caller must keep a frozen copy of the starting model instead.
+    """
+    if not policy.use_lora:
+        raise RuntimeError("reference_mode needs a LoRA policy: with full fine-tuning (lora=None) keep a "
+                           "frozen copy of the starting model for the KL reference instead")
+    with policy.model.disable_adapter():
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# Token log-probabilities
+# ----------------------------------------------------------------------------------------------
+
+
+def _logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float,
+                          want_entropy: bool) -> tuple[Tensor, Tensor | None]:
+    """log softmax(z / tau)[y] = z_y / tau - logsumexp(z / tau), in fp32, without a [.., V] log-softmax.
+
+    Entropy H = logsumexp(z') - sum_v p_v z'_v (z' = z / tau) is a diagnostic and carries no gradient.
+    """
+    scaled = logits.float()
+    if temperature != 1.0:
+        scaled = scaled / temperature
+    log_normaliser = torch.logsumexp(scaled, dim=-1)
+    logprobs = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
+    entropy = None
+    if want_entropy:
+        with torch.no_grad():
+            probs = torch.softmax(scaled.detach(), dim=-1)
+            entropy = log_normaliser.detach() - (probs * scaled.detach()).sum(-1)
+    return logprobs, entropy
+
+
+def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, completion_start: int,
+                   temperature: float = 1.0, position_ids: Tensor | None = None, return_entropy: bool = False,
+                   chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """Log-probabilities [N, T] of the tokens `input_ids[:, completion_start:]` (T = L - completion_start).
+
+    logp[n, t] = log softmax(z[n, completion_start + t - 1] / temperature)[input_ids[n, completion_start + t]]
+
+    Only the hidden states at positions completion_start - 1 .. L - 2 are projected onto the
+    vocabulary, so at most [N, T, V] logits exist at once, and [N, chunk_size, V] when
+    `chunk_size` is set (then, with gradients on, each chunk's logits are recomputed in the
+    backward pass instead of being stored).  `position_ids` default to positions that count only
+    real tokens (left padding safe).  Works on a PeftModel (LoRA active unless inside
+    `reference_mode`) and on a plain model.  With `return_entropy`, also the per-token entropy of
+    the same distribution (detached).  Values at masked positions are computed but meaningless.
+    """
+    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
+        raise ValueError(f"input_ids and attention_mask must both be [N, L]; got {tuple(input_ids.shape)} "
+                         f"and {tuple(attention_mask.shape)}")
+    sequence_length = input_ids.shape[1]
+    if not 1 <= completion_start <= sequence_length:
+        raise ValueError(f"completion_start must be in [1, {sequence_length}] (at least one prompt token), "
+                         f"got {completion_start}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if chunk_size is not None and chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if position_ids is None:
+        position_ids = position_ids_from_mask(attention_mask)
+    targets = input_ids[:, completion_start:]
+    num_targets = targets.shape[1]
+
+    causal_lm = causal_lm_of(model)
+    if getattr(causal_lm.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
+        # Unknown head (soft-capping, scaling, ...): let the model compute its own logits.
+        keep = torch.arange(completion_start - 1, sequence_length - 1, device=input_ids.device)
+        logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                           use_cache=False, logits_to_keep=keep).logits
+        logprobs, entropy = _logprobs_and_entropy(logits, targets, temperature, return_entropy)
+        return (logprobs, entropy) if return_entropy else logprobs
+
+    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
+                                     position_ids=position_ids, use_cache=False).last_hidden_state
+    hidden = hidden[:, completion_start - 1: sequence_length - 1]
+    lm_head = causal_lm.get_output_embeddings()
+
+    def score(hidden_chunk: Tensor, target_chunk: Tensor) -> tuple[Tensor, Tensor | None]:
+        return _logprobs_and_entropy(lm_head(hidden_chunk), target_chunk, temperature, return_entropy)
+
+    step = chunk_size or max(num_targets, 1)
+    recompute = chunk_size is not None and torch.is_grad_enabled() and hidden.requires_grad
+    logprob_chunks, entropy_chunks = [], []
+    for start in range(0, num_targets, step):
+        hidden_chunk, target_chunk = hidden[:, start:start + step], targets[:, start:start + step]
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+
+            chunk_logprobs, chunk_entropy = checkpoint(score, hidden_chunk, target_chunk, use_reentrant=False)
+        else:
+            chunk_logprobs, chunk_entropy = score(hidden_chunk, target_chunk)
+        logprob_chunks.append(chunk_logprobs)
+        entropy_chunks.append(chunk_entropy)
+    if not logprob_chunks:  # T == 0
+        empty = hidden.new_zeros(input_ids.shape[0], 0, dtype=torch.float32)
+        return (empty, empty.clone()) if return_entropy else empty
+    logprobs = torch.cat(logprob_chunks, dim=1) if len(logprob_chunks) > 1 else logprob_chunks[0]
+    if not return_entropy:
+        return logprobs
+    entropy = torch.cat(entropy_chunks, dim=1) if len(entropy_chunks) > 1 else entropy_chunks[0]
+    return logprobs, entropy
+
+
+def lora_settings_dict(settings: LoraSettings) -> dict[str, Any]:
+    """A JSON-friendly dict of the settings (for configs written into checkpoints)."""
+    values = asdict(settings)
+    values["target_modules"] = list(settings.target_modules)
+    return values
