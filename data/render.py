@@ -1,0 +1,273 @@
+"""Render a `Sample` into token ids and an explicit 0/1 loss mask.
+
+    input_ids = prompt_ids + completion_ids
+    prompt_ids     = tokenize(chat template(system, tools, history) + generation prompt)
+    completion_ids = tokenize(format_completion(target, reasoning)) + [end-of-turn id]
+    loss_mask      = [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+The prompt goes through the tokenizer's own chat template when it has one (Qwen3:
+`apply_chat_template(messages, tools=..., add_generation_prompt=True)`), otherwise through the
+project's ChatML template below, which has the same layout as Qwen3's.  History actions are shown
+without their reasoning (as Qwen3 shows past turns): a history tool call goes through the
+template's `tool_calls` field, a history answer is `<answer>text</answer>`, tool results are
+`tool` messages (a user turn of `<tool_response>` blocks).
+
+The completion is tokenized on its own and appended, so `render_prompt(...)` is by construction
+the exact prefix of `render(...)` (given the same truncation), which is what the sampler needs:
+generation starts exactly where the trained completion starts, and the loss mask covers exactly
+the tokens the model must produce, the closing end-of-turn token included.
+
+Truncation: when `max_length` is given and the sample does not fit, the oldest history is dropped
+(never the system prompt, the tools or the target).  First whole exchanges (a user turn and
+everything up to the next user turn) are dropped, oldest first, so a tool result is never left
+without its call; if the latest exchange alone is still too long, its oldest actions (each with
+the tool results that answer it) are dropped, keeping the user turn that opened it.  The number of
+dropped turns is returned in `Rendered.dropped_turns`; if even the shortest history does not fit,
+`ContextTooLong` is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from data.format import (
+    IM_END, IM_START, STOP_STRINGS, TOOL_RESPONSE_CLOSE, TOOL_RESPONSE_OPEN, format_action, format_completion,
+)
+from data.types import Conversation, Sample, Turn, target_of
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Rendered:
+    """One rendered sample; input_ids and loss_mask have the same length."""
+
+    input_ids: list[int]  # [L] prompt ids followed by completion ids
+    loss_mask: list[int]  # [L] 1 on the completion tokens (end-of-turn included), 0 elsewhere
+    prompt_length: int  # number of prompt tokens: the completion starts at this index
+    dropped_turns: int = 0  # history turns dropped to fit max_length
+
+
+class ContextTooLong(ValueError):
+    """The sample does not fit in max_length even with the shortest history allowed."""
+
+    def __init__(self, conversation_id: str, turn_index: int, prompt_tokens: int, completion_tokens: int,
+                 max_length: int, dropped_turns: int, history_turns: int):
+        super().__init__(
+            f"conversation {conversation_id!r} turn {turn_index}: prompt of {prompt_tokens} tokens + "
+            f"{completion_tokens} completion tokens > max_length {max_length}, even after dropping "
+            f"{dropped_turns} of {history_turns} history turns"
+        )
+        self.conversation_id, self.turn_index = conversation_id, turn_index
+        self.prompt_tokens, self.completion_tokens, self.max_length = prompt_tokens, completion_tokens, max_length
+
+
+# ---------------------------------------------------------------------------------------------
+# Special ids
+
+
+def end_of_turn_id(tokenizer: Any) -> int:
+    """The id of `<|im_end|>`; for a tokenizer without it, its EOS id (Llama-style templates end
+    a turn with EOS)."""
+    token_id = tokenizer.convert_tokens_to_ids(IM_END)
+    if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):
+        return token_id
+    if tokenizer.eos_token_id is not None:
+        return int(tokenizer.eos_token_id)
+    raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither {IM_END!r} nor an EOS token")
+
+
+def stop_token_ids(tokenizer: Any) -> list[int]:
+    """Token ids that end generation: EOS and the end-of-turn token, without duplicates."""
+    ids = [tokenizer.eos_token_id, end_of_turn_id(tokenizer)]
+    return list(dict.fromkeys(int(token_id) for token_id in ids if token_id is not None))
+
+
+def stop_sequences(tokenizer: Any) -> list[list[int]]:
+    """The token ids of each of `data.format.STOP_STRINGS` (the closing action tags)."""
+    return [tokenizer.encode(text, add_special_tokens=False) for text in STOP_STRINGS]
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt text
+
+CHATML_TOOLS_PREAMBLE = (
+    "# Tools\n\nCall one tool as <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n</tool_call> "
+    "or reply to the user as <answer>...</answer>.\n<tools>\n"
+)
+
+
+def chat_messages(system: str, history: list[Turn]) -> list[dict[str, Any]]:
+    """OpenAI-style messages for a tokenizer's chat template (system first when non-empty)."""
+    messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
+    for turn in history:
+        if turn.role == "user":
+            messages.append({"role": "user", "content": turn.content})
+        elif turn.role == "assistant":
+            messages.append({"role": "assistant", "content": format_action(target_of(turn))})
+        elif turn.role == "tool_call":
+            call = {"name": turn.name, "arguments": dict(turn.arguments or {})}
+            messages.append({"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]})
+        else:
+            message = {"role": "tool", "content": turn.content}
+            if turn.name:
+                message["name"] = turn.name
+            messages.append(message)
+    return messages
+
+
+def chatml_system(system: str, tools: list[dict[str, Any]]) -> str:
+    """The project's system block: the system prompt, then a short tools section when there are tools."""
+    if tools:
+        lines = "\n".join(json.dumps(tool.get("function", tool), ensure_ascii=False) for tool in tools)
+        head = f"{system}\n\n" if system else ""
+        return f"{IM_START}system\n{head}{CHATML_TOOLS_PREAMBLE}{lines}\n</tools>{IM_END}\n"
+    return f"{IM_START}system\n{system}{IM_END}\n" if system else ""
+
+
+def chatml_turns(turns: list[Turn], action_text: Callable[[Turn], str]) -> str:
+    """The project's ChatML for a list of turns; consecutive tool results share one user turn."""
+    parts = []
+    for index, turn in enumerate(turns):
+        if turn.role == "user":
+            parts.append(f"{IM_START}user\n{turn.content}{IM_END}\n")
+        elif turn.is_action:
+            parts.append(f"{IM_START}assistant\n{action_text(turn)}{IM_END}\n")
+        else:
+            opens = index == 0 or turns[index - 1].role != "tool"
+            closes = index == len(turns) - 1 or turns[index + 1].role != "tool"
+            parts.append(f"{IM_START}user" if opens else "")
+            parts.append(f"\n{TOOL_RESPONSE_OPEN}\n{turn.content}\n{TOOL_RESPONSE_CLOSE}")
+            parts.append(f"{IM_END}\n" if closes else "")
+    return "".join(parts)
+
+
+def chatml_prompt(system: str, tools: list[dict[str, Any]], history: list[Turn]) -> str:
+    """The project's ChatML prompt, ending with the generation prompt `<|im_start|>assistant\\n`."""
+    history_text = chatml_turns(history, lambda turn: format_action(target_of(turn)))
+    return f"{chatml_system(system, tools)}{history_text}{IM_START}assistant\n"
+
+
+def chatml_conversation_text(conversation: Conversation) -> str:
+    """A whole conversation in the project's ChatML, every action with its think block: the
+    text the project's tokenizer is trained on."""
+    return chatml_system(conversation.system, conversation.tools) + chatml_turns(
+        conversation.turns, lambda turn: format_completion(target_of(turn), turn.reasoning)
+    )
+
+
+def prompt_text(tokenizer: Any, system: str, tools: list[dict[str, Any]], history: list[Turn],
+                conversation_id: str = "?") -> str:
+    """The prompt text through the tokenizer's chat template, or the project's ChatML without one."""
+    if not has_chat_template(tokenizer):
+        return chatml_prompt(system, tools, history)
+    try:
+        return tokenizer.apply_chat_template(
+            chat_messages(system, history), tools=tools or None, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as error:  # a template's own error (e.g. "roles must alternate"): name the record
+        raise ValueError(f"conversation {conversation_id!r}: the tokenizer's chat template failed: {error}") from error
+
+
+# ---------------------------------------------------------------------------------------------
+# Truncation
+
+
+def history_cuts(history: list[Turn]) -> list[list[int]]:
+    """Kept history indices for each allowed truncation, from "keep all" to "keep the least".
+
+    Each candidate keeps a subset of the one before it, so prompt lengths never increase along
+    the list (a binary search over it is valid).
+    """
+    count = len(history)
+    candidates = [list(range(count))]
+    exchange_starts = [index for index, turn in enumerate(history) if turn.role == "user"]
+    for start in exchange_starts:
+        if start > 0:
+            candidates.append(list(range(start, count)))
+    last_start = exchange_starts[-1] if exchange_starts else 0
+    head = [last_start] if exchange_starts else []
+    # Inside the latest exchange, an action and the tool results after it go together.
+    action_starts = [index for index in range(last_start + len(head), count) if history[index].is_action]
+    for start in action_starts[1:]:
+        candidates.append(head + list(range(start, count)))
+    return candidates
+
+
+def _prompt_ids(tokenizer: Any, sample: Sample, kept: list[int]) -> list[int]:
+    history = [sample.context[index] for index in kept]
+    text = prompt_text(tokenizer, sample.system, sample.tools, history, sample.conversation_id)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def _fitting_prompt(sample: Sample, tokenizer: Any, max_length: int | None, budget: int) -> tuple[list[int], int]:
+    """(prompt ids, dropped turns) with the longest history such that prompt + budget <= max_length."""
+    candidates = history_cuts(sample.context)
+    full = _prompt_ids(tokenizer, sample, candidates[0])
+    if max_length is None or len(full) + budget <= max_length:
+        return full, 0
+    cache = {0: full}
+
+    def ids_of(position: int) -> list[int]:
+        if position not in cache:
+            cache[position] = _prompt_ids(tokenizer, sample, candidates[position])
+        return cache[position]
+
+    last = len(candidates) - 1
+    if len(ids_of(last)) + budget > max_length:
+        raise ContextTooLong(sample.conversation_id, sample.turn_index, len(ids_of(last)), budget, max_length,
+                             len(sample.context) - len(candidates[last]), len(sample.context))
+    low, high = 1, last  # candidates[high] fits, candidates[low - 1] does not
+    while low < high:
+        middle = (low + high) // 2
+        if len(ids_of(middle)) + budget <= max_length:
+            high = middle
+        else:
+            low = middle + 1
+    dropped = len(sample.context) - len(candidates[high])
+    logger.debug("conversation %s turn %d: dropped %d history turns to fit %d tokens",
+                 sample.conversation_id, sample.turn_index, dropped, max_length)
+    return ids_of(high), dropped
+
+
+# ---------------------------------------------------------------------------------------------
+# Public rendering
+
+
+def completion_ids(sample: Sample, tokenizer: Any, *, with_reasoning: bool = True) -> list[int]:
+    """tokenize(think block + action block) + [end-of-turn id], no special-token additions."""
+    try:
+        text = format_completion(sample.target, sample.reasoning if with_reasoning else None)
+    except (KeyError, ValueError) as error:
+        raise ValueError(f"conversation {sample.conversation_id!r} turn {sample.turn_index}: bad target "
+                         f"{sample.target!r}: {error}") from error
+    return tokenizer.encode(text, add_special_tokens=False) + [end_of_turn_id(tokenizer)]
+
+
+def render(sample: Sample, tokenizer: Any, *, max_length: int | None = None, with_reasoning: bool = True) -> Rendered:
+    """Prompt + completion ids with the loss mask on the completion (see the module docstring)."""
+    completion = completion_ids(sample, tokenizer, with_reasoning=with_reasoning)
+    prompt, dropped = _fitting_prompt(sample, tokenizer, max_length, budget=len(completion))
+    return Rendered(
+        input_ids=prompt + completion,
+        loss_mask=[0] * len(prompt) + [1] * len(completion),
+        prompt_length=len(prompt),
+        dropped_turns=dropped,
+    )
+
+
+def render_prompt(sample: Sample, tokenizer: Any, *, max_length: int | None = None, completion_budget: int = 0) -> Rendered:
+    """The prompt alone, for generation: it ends exactly where the completion starts (after
+    `<|im_start|>assistant\\n`), loss mask all 0.  History is dropped until prompt length +
+    `completion_budget` fits `max_length`; with `completion_budget = len(completion_ids(...))` the
+    result is token for token the prefix of `render(sample, tokenizer, max_length=max_length)`.
+    """
+    prompt, dropped = _fitting_prompt(sample, tokenizer, max_length, budget=completion_budget)
+    return Rendered(input_ids=prompt, loss_mask=[0] * len(prompt), prompt_length=len(prompt), dropped_turns=dropped)
