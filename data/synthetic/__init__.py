@@ -1,0 +1,145 @@
+"""The built-in synthetic tool-calling world: the default data when no real dataset is available.
+
+Three invented customer-service domains, each a small database, executable tools with JSON-schema
+parameters and a short tau-bench-like policy (authenticate first, ask for missing details, confirm
+before a write, refuse what the policy forbids):
+
+    retail   (in-domain)      Nordbay shop: orders, cancellations, returns, tracking   data/synthetic/retail.py
+    airline  (in-domain)      Skyline Air: reservations, flights, bags, changes        data/synthetic/airline.py
+    telecom  (out-of-domain)  Volta Mobile: bills, plans, data top-ups, outages        data/synthetic/telecom.py
+
+Every observation is the JSON text of the tool's result, computed by executing the tool on the
+conversation's database (write tools change it for later calls).  Splits are made of whole
+conversations, each generated from its own random stream `Random(f"{seed}/{split}/{index}/{attempt}")`,
+so a split does not change when another split's size does:
+
+    test       in-domain, default 200 conversations
+    ood_test   telecom only, default 200
+    coldstart  in-domain conversations whose first actions carry written reasoning: at most
+               `n_coldstart` (default 100) reasoning-annotated actions in total
+    train      in-domain, default 1,000
+
+No conversation (by id or by content) appears in two splits.  Rows are APIGen-MT rows:
+`{"id", "domain", "system", "tools" (a JSON string), "conversations": [{"from", "value"}, ...]}`;
+cold-start entries may carry an extra `"reasoning"`.
+
+    python -m data.synthetic --out data_out --seed 0     # writes train/test/ood_test/coldstart.json
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+from data.synthetic.airline import AIRLINE
+from data.synthetic.retail import RETAIL
+from data.synthetic.telecom import TELECOM
+from data.synthetic.world import Dialogue, Domain
+
+IN_DOMAIN: tuple[Domain, ...] = (RETAIL, AIRLINE)
+OUT_OF_DOMAIN: tuple[Domain, ...] = (TELECOM,)
+DOMAINS: dict[str, Domain] = {domain.name: domain for domain in IN_DOMAIN + OUT_OF_DOMAIN}
+SPLIT_FILES: dict[str, str] = {"train": "train.json", "test": "test.json", "ood_test": "ood_test.json",
+                               "coldstart": "coldstart.json"}
+MIN_ACTIONS, MAX_ACTIONS = 3, 10
+MAX_ATTEMPTS = 1000
+
+
+def generate_conversation(domain: Domain, rng: random.Random) -> list[dict[str, Any]]:
+    """One scripted conversation's APIGen entries, reasoning included on every assistant action."""
+    dialogue = Dialogue(domain, domain.make_db(rng), rng)
+    domain.script(dialogue)
+    return dialogue.entries
+
+
+def _content_key(entries: list[dict[str, Any]]) -> str:
+    return json.dumps([[entry["from"], entry["value"]] for entry in entries])
+
+
+def _strip_reasoning(entries: list[dict[str, Any]], keep: int) -> list[dict[str, Any]]:
+    """Copies of the entries where only the first `keep` assistant actions keep their reasoning."""
+    stripped = []
+    for entry in entries:
+        copy = {"from": entry["from"], "value": entry["value"]}
+        if "reasoning" in entry and keep > 0:
+            copy["reasoning"] = entry["reasoning"]
+            keep -= 1
+        stripped.append(copy)
+    return stripped
+
+
+def _split_rows(seed: int, split: str, domains: tuple[Domain, ...], count: int, seen: set[str],
+                reasoning_budget: int = 0) -> list[dict[str, Any]]:
+    """`count` conversations of one split (or, when `reasoning_budget` > 0, as many as that budget of
+    reasoning-annotated actions covers), skipping any whose content is already in `seen`."""
+    rows: list[dict[str, Any]] = []
+    index = 0
+    while (len(rows) < count) if not reasoning_budget else (reasoning_budget > 0):
+        for attempt in range(MAX_ATTEMPTS):
+            rng = random.Random(f"{seed}/{split}/{index}/{attempt}")
+            domain = rng.choice(domains)
+            entries = generate_conversation(domain, rng)
+            actions = sum(entry["from"] in ("gpt", "function_call") for entry in entries)
+            key = _content_key(entries)
+            if MIN_ACTIONS <= actions <= MAX_ACTIONS and key not in seen:
+                break
+        else:
+            raise RuntimeError(f"split {split!r} conversation {index}: no valid new conversation in "
+                               f"{MAX_ATTEMPTS} attempts")
+        seen.add(key)
+        keep = min(actions, reasoning_budget)
+        reasoning_budget -= keep
+        rows.append({"id": f"{domain.name}-{split}-{index:05d}", "domain": domain.name, "system": domain.policy,
+                     "tools": domain.tools_json(), "conversations": _strip_reasoning(entries, keep)})
+        index += 1
+    return rows
+
+
+def generate_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_ood: int = 200,
+                    n_coldstart: int = 100) -> dict[str, list[dict[str, Any]]]:
+    """All four splits as APIGen-MT rows; the same seed gives identical rows.
+
+    n_coldstart counts reasoning-annotated actions (not conversations) and must be <= 100 as in
+    the paper's cold-start stage.  Splits are generated in the order test, ood_test, coldstart,
+    train, and a later split skips conversations identical to an earlier one.
+    """
+    for name, value in (("n_train", n_train), ("n_test", n_test), ("n_ood", n_ood), ("n_coldstart", n_coldstart)):
+        if not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    if n_coldstart > 100:
+        raise ValueError(f"n_coldstart counts reasoning-annotated actions and must be <= 100, got {n_coldstart}")
+    seen: set[str] = set()
+    splits = {"test": _split_rows(seed, "test", IN_DOMAIN, n_test, seen),
+              "ood_test": _split_rows(seed, "ood_test", OUT_OF_DOMAIN, n_ood, seen),
+              "coldstart": _split_rows(seed, "coldstart", IN_DOMAIN, 0, seen, reasoning_budget=n_coldstart),
+              "train": _split_rows(seed, "train", IN_DOMAIN, n_train, seen)}
+    return {name: splits[name] for name in SPLIT_FILES}
+
+
+def dumps_rows(rows: list[dict[str, Any]]) -> str:
+    """A JSON array with one row per line (valid JSON, readable, diff-friendly)."""
+    if not rows:
+        return "[]\n"
+    return "[\n" + ",\n".join(json.dumps(row, ensure_ascii=False) for row in rows) + "\n]\n"
+
+
+def write_splits(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, Path]:
+    """Generate the splits and write train.json, test.json, ood_test.json, coldstart.json in `out_dir`.
+
+    sizes: n_train, n_test, n_ood, n_coldstart as in `generate_splits`.  Returns split -> path.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = generate_splits(seed, **sizes)
+    paths = {}
+    for name, rows in splits.items():
+        path = out / SPLIT_FILES[name]
+        path.write_text(dumps_rows(rows), encoding="utf-8")
+        paths[name] = path
+    return paths
+
+
+__all__ = ["DOMAINS", "IN_DOMAIN", "OUT_OF_DOMAIN", "SPLIT_FILES", "generate_splits", "write_splits",
+           "generate_conversation", "dumps_rows"]

@@ -1,0 +1,684 @@
+"""Airline domain (in-domain): Skyline Air, an invented airline with reservations, bags and flight changes.
+
+Database: one customer per conversation (tier regular, silver or gold) with 1-3 reservations, and
+the flights on the routes involved (2-3 daily flights per route, each with cabin prices, seats
+left and today's status).  Policy rules the scripts follow and the tools enforce: verify customer
+id + last name first, cancellation only for business or insured reservations, no flight changes
+on basic fares, bags $35 each (free for gold) up to 4 per reservation, confirm before any write.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Any
+
+from data.synthetic.world import (
+    BOOLEAN, STRING, Db, Dialogue, Domain, Tool, ToolResult, converse, enum, error, listing, money, params,
+    replace_record, sentences, YES, NO,
+)
+from data.synthetic.retail import FIRST_NAMES, LAST_NAMES
+
+POLICY = (
+    "You are the support agent of Skyline Air. Verify the customer by customer id and last name "
+    "before any reservation action. Ask for missing details; if the customer names a destination "
+    "instead of a reservation id, find it among their reservations. Only business or insured "
+    "reservations can be cancelled. Basic fares cannot change flights. Extra bags cost $35 each, "
+    "free for gold members, at most 4 per reservation. Before a booking or change, state the details "
+    "and cost and wait for an explicit yes. Flight status needs no verification."
+)
+
+AIRPORTS = ("BOS", "SEA", "JFK", "SFO", "ORD", "MIA", "DEN", "ATL", "LAX", "AUS")
+CABINS = ("basic", "economy", "business")
+BAG_FEE = 35
+MAX_BAGS = 4
+INSURANCE_FEE = 25
+
+
+def _date(rng: random.Random) -> str:
+    return f"2025-{rng.randint(5, 9):02d}-{rng.randint(1, 28):02d}"
+
+
+def _route_flights(rng: random.Random, origin: str, destination: str, used: set[str]) -> dict[str, dict[str, Any]]:
+    """2-3 daily flights on one route with distinct ids and departure times."""
+    flights = {}
+    hours = sorted(rng.sample(range(6, 22), rng.randint(2, 3)))
+    for hour in hours:
+        flight_id = f"FL{rng.randint(100, 999)}"
+        while flight_id in used:
+            flight_id = f"FL{rng.randint(100, 999)}"
+        used.add(flight_id)
+        economy = rng.randrange(120, 400, 5)
+        status = rng.choices(("on time", "delayed", "cancelled"), (7, 2, 1))[0]
+        flights[flight_id] = {
+            "flight_id": flight_id, "origin": origin, "destination": destination,
+            "depart": f"{hour:02d}:{rng.choice(('00', '15', '30', '45'))}",
+            "prices": {"basic": economy - 40, "economy": economy, "business": economy * 3},
+            "seats": rng.randint(0, 9), "status": status,
+            "delay_min": rng.choice((30, 45, 90, 120)) if status == "delayed" else 0,
+        }
+    return flights
+
+
+def make_db(rng: random.Random) -> Db:
+    """One customer with 1-3 reservations, plus the flights of their routes and of one more route."""
+    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
+    customer_id = f"C{rng.randint(1000, 9999)}"
+    used: set[str] = set()
+    flights: dict[str, dict[str, Any]] = {}
+    reservations: dict[str, dict[str, Any]] = {}
+    for _ in range(rng.randint(1, 3) + 1):  # the extra route is for new bookings
+        origin, destination = rng.sample(AIRPORTS, 2)
+        flights.update(_route_flights(rng, origin, destination, used))
+    routes = sorted({(flight["origin"], flight["destination"]) for flight in flights.values()})
+    booked_routes = routes[:-1] if len(routes) > 1 else routes
+    for origin, destination in booked_routes:
+        flight = rng.choice([f for f in flights.values() if (f["origin"], f["destination"]) == (origin, destination)])
+        reservation_id = "R" + "".join(rng.choices(string.ascii_uppercase + string.digits, k=4))
+        cabin = rng.choices(CABINS, (3, 5, 2))[0]
+        passengers = rng.randint(1, 3)
+        insurance = rng.random() < 0.35
+        price = flight["prices"][cabin]
+        reservations[reservation_id] = {
+            "reservation_id": reservation_id, "customer_id": customer_id, "flight_id": flight["flight_id"],
+            "origin": origin, "destination": destination, "date": _date(rng), "cabin": cabin,
+            "passengers": passengers, "bags": rng.randint(0, 3), "insurance": insurance, "status": "booked",
+            "seat_price": price, "paid": price * passengers + (INSURANCE_FEE * passengers if insurance else 0),
+        }
+    customer = {"customer_id": customer_id, "first_name": first, "last_name": last,
+                "tier": rng.choices(("regular", "silver", "gold"), (5, 3, 2))[0], "reservations": list(reservations)}
+    return {"customers": {customer_id: customer}, "reservations": reservations, "flights": flights}
+
+
+# ----------------------------------------------------------------------------- tools
+
+
+def verify_customer(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    customer = db["customers"].get(args["customer_id"])
+    if customer is None or customer["last_name"].lower() != args["last_name"].strip().lower():
+        return error("customer id and last name do not match"), db
+    return {"customer_id": customer["customer_id"], "name": f"{customer['first_name']} {customer['last_name']}",
+            "tier": customer["tier"]}, db
+
+
+def get_customer(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    customer = db["customers"].get(args["customer_id"])
+    if customer is None:
+        return error(f"customer {args['customer_id']} not found"), db
+    return {"customer_id": customer["customer_id"], "tier": customer["tier"],
+            "reservations": list(customer["reservations"])}, db
+
+
+RESERVATION_VIEW = ("reservation_id", "flight_id", "origin", "destination", "date", "cabin", "passengers", "bags",
+                    "insurance", "status", "paid")
+
+
+def get_reservation(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    reservation = db["reservations"].get(args["reservation_id"])
+    if reservation is None:
+        return error(f"reservation {args['reservation_id']} not found"), db
+    return {key: reservation[key] for key in RESERVATION_VIEW}, db
+
+
+def search_flights(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    cabin = args.get("cabin", "economy")
+    found = [{"flight_id": flight["flight_id"], "depart": flight["depart"], "price": flight["prices"][cabin],
+              "seats": flight["seats"]}
+             for flight in sorted(db["flights"].values(), key=lambda flight: flight["depart"])
+             if (flight["origin"], flight["destination"]) == (args["origin"], args["destination"])]
+    return {"date": args["date"], "cabin": cabin, "flights": found}, db
+
+
+def book_flight(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    flight = db["flights"].get(args["flight_id"])
+    customer = db["customers"].get(args["customer_id"])
+    if flight is None or customer is None:
+        return error("unknown flight or customer"), db
+    if flight["seats"] < args["passengers"]:
+        return error(f"only {flight['seats']} seats left on {flight['flight_id']}"), db
+    insurance = args.get("insurance", False)
+    seat_price = flight["prices"][args["cabin"]]
+    total = seat_price * args["passengers"] + (INSURANCE_FEE * args["passengers"] if insurance else 0)
+    # The new id is derived from the booking itself so that replaying a conversation reproduces it.
+    reservation_id = "R" + f"{abs(hash_text(args['flight_id'] + args['date'] + customer['customer_id'])):X}"[-4:]
+    reservation = {
+        "reservation_id": reservation_id, "customer_id": customer["customer_id"], "flight_id": flight["flight_id"],
+        "origin": flight["origin"], "destination": flight["destination"], "date": args["date"],
+        "cabin": args["cabin"], "passengers": args["passengers"], "bags": 0, "insurance": insurance,
+        "status": "booked", "seat_price": seat_price, "paid": total,
+    }
+    db = replace_record(db, "reservations", reservation_id, reservation)
+    db = replace_record(db, "flights", flight["flight_id"], {**flight, "seats": flight["seats"] - args["passengers"]})
+    db = replace_record(db, "customers", customer["customer_id"],
+                        {**customer, "reservations": customer["reservations"] + [reservation_id]})
+    return {"reservation_id": reservation_id, "status": "booked", "total": total}, db
+
+
+def hash_text(text: str) -> int:
+    """A small stable string hash (Python's hash() is salted per process)."""
+    value = 0
+    for char in text:
+        value = (value * 131 + ord(char)) % 1_000_003
+    return value + 0x10000
+
+
+def cancel_reservation(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    reservation = db["reservations"].get(args["reservation_id"])
+    if reservation is None:
+        return error(f"reservation {args['reservation_id']} not found"), db
+    if reservation["status"] != "booked":
+        return error(f"reservation {reservation['reservation_id']} is already {reservation['status']}"), db
+    if not (reservation["insurance"] or reservation["cabin"] == "business"):
+        return error("only business or insured reservations can be cancelled"), db
+    updated = {**reservation, "status": "cancelled"}
+    return ({"reservation_id": reservation["reservation_id"], "status": "cancelled", "refund": reservation["paid"]},
+            replace_record(db, "reservations", reservation["reservation_id"], updated))
+
+
+def change_flight(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    reservation = db["reservations"].get(args["reservation_id"])
+    flight = db["flights"].get(args["flight_id"])
+    if reservation is None or flight is None:
+        return error("unknown reservation or flight"), db
+    if reservation["cabin"] == "basic":
+        return error("basic fares cannot change flights"), db
+    if (flight["origin"], flight["destination"]) != (reservation["origin"], reservation["destination"]):
+        return error("the new flight must fly the same route"), db
+    if flight["seats"] < reservation["passengers"]:
+        return error(f"only {flight['seats']} seats left on {flight['flight_id']}"), db
+    seat_price = flight["prices"][reservation["cabin"]]
+    difference = (seat_price - reservation["seat_price"]) * reservation["passengers"]
+    updated = {**reservation, "flight_id": flight["flight_id"], "seat_price": seat_price,
+               "paid": reservation["paid"] + difference}
+    return ({"reservation_id": reservation["reservation_id"], "flight_id": flight["flight_id"],
+             "fare_difference": difference},
+            replace_record(db, "reservations", reservation["reservation_id"], updated))
+
+
+def add_bags(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    reservation = db["reservations"].get(args["reservation_id"])
+    if reservation is None:
+        return error(f"reservation {args['reservation_id']} not found"), db
+    total_bags = reservation["bags"] + args["bags"]
+    if total_bags > MAX_BAGS:
+        return error(f"at most {MAX_BAGS} bags per reservation"), db
+    customer = db["customers"][reservation["customer_id"]]
+    fee = 0 if customer["tier"] == "gold" else BAG_FEE * args["bags"]
+    updated = {**reservation, "bags": total_bags, "paid": reservation["paid"] + fee}
+    return ({"reservation_id": reservation["reservation_id"], "bags": total_bags, "fee": fee},
+            replace_record(db, "reservations", reservation["reservation_id"], updated))
+
+
+def flight_status(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
+    flight = db["flights"].get(args["flight_id"])
+    if flight is None:
+        return error(f"flight {args['flight_id']} not found"), db
+    return {"flight_id": flight["flight_id"], "date": args["date"], "status": flight["status"],
+            "delay_min": flight["delay_min"]}, db
+
+
+PASSENGERS = {"type": "integer", "minimum": 1, "maximum": 6}
+BAGS = {"type": "integer", "minimum": 1, "maximum": MAX_BAGS}
+TOOLS = (
+    Tool("verify_customer", "Verify a customer by id and last name.",
+         params({"customer_id": STRING, "last_name": STRING}), verify_customer, auth_key="customer_id"),
+    Tool("get_customer", "Get a customer's tier and reservation ids.", params({"customer_id": STRING}), get_customer),
+    Tool("get_reservation", "Get a reservation's details.", params({"reservation_id": STRING}), get_reservation),
+    Tool("search_flights", "Find flights on a route and date.",
+         params({"origin": STRING, "destination": STRING, "date": STRING}, {"cabin": enum(*CABINS)}),
+         search_flights),
+    Tool("book_flight", "Book a flight for the customer.",
+         params({"customer_id": STRING, "flight_id": STRING, "date": STRING, "cabin": enum(*CABINS),
+                 "passengers": PASSENGERS}, {"insurance": BOOLEAN}), book_flight, writes=True),
+    Tool("cancel_reservation", "Cancel a reservation.",
+         params({"reservation_id": STRING, "reason": enum("change of plans", "health", "other")}),
+         cancel_reservation, writes=True),
+    Tool("change_flight", "Move a reservation to another flight on the same route.",
+         params({"reservation_id": STRING, "flight_id": STRING}), change_flight, writes=True),
+    Tool("add_bags", "Add checked bags to a reservation.", params({"reservation_id": STRING, "bags": BAGS}),
+         add_bags, writes=True),
+    Tool("flight_status", "Get a flight's status on a date.", params({"flight_id": STRING, "date": STRING}),
+         flight_status, public=True),
+)
+
+
+# ----------------------------------------------------------------------------- conversations
+
+
+def people(count: int) -> str:
+    return f"{count} passenger" + ("s" if count > 1 else "")
+
+
+class AirlineChat:
+    """Scripts one airline conversation about the database's single customer."""
+
+    def __init__(self, dlg: Dialogue) -> None:
+        self.dlg = dlg
+        self.rng = dlg.rng
+        self.customer = next(iter(dlg.db["customers"].values()))
+        self.upfront_auth = self.rng.random() < 0.75
+        self.tier: str | None = None
+
+    # -- shared steps
+
+    def auth_sentence(self) -> str:
+        customer = self.customer
+        return self.dlg.pick(("My customer id is {cid}, last name {last}.", "I'm {first} {last}, id {cid}.",
+                              "Customer {cid}, {first} {last}.", "Last name {last}, customer id {cid}."),
+                             cid=customer["customer_id"], first=customer["first_name"], last=customer["last_name"])
+
+    def open_request(self, first: bool, request: str, goal: str, reservation_id: str | None,
+                     can_search: bool = False) -> None:
+        """The request, then verification and the reservation id when they are missing.
+
+        can_search: the user named the destination instead of the id, so the policy says to find the
+        reservation (the caller does) rather than ask for the id.
+        """
+        dlg = self.dlg
+        needs_auth = dlg.authenticated is None
+        gave_auth = needs_auth and first and self.upfront_auth
+        dlg.user(sentences(dlg, [request, self.auth_sentence()]) if gave_auth else request)
+        missing = reservation_id is not None and reservation_id not in request and not can_search
+        if needs_auth and not gave_auth:
+            with_id = missing and self.rng.random() < 0.5
+            wanted = "customer id and last name" + (", and the reservation id" if with_id else "")
+            ask = "your " + wanted
+            dlg.say(dlg.pick(("Sure. First I need {ask}.", "I can help. Please give me {ask}.",
+                              "Happy to help; could you share {ask}?"), ask=ask),
+                    f"The user wants to {goal} but is not verified. The policy requires verification first, so "
+                    f"I ask for their {wanted}.")
+            parts = [self.auth_sentence()]
+            if with_id:
+                parts.append(dlg.pick(("Reservation {rid}.", "The booking is {rid}."), rid=reservation_id))
+                missing = False
+            dlg.user(sentences(dlg, parts))
+        if needs_auth:
+            customer = self.customer
+            result = dlg.call("verify_customer",
+                              {"customer_id": customer["customer_id"], "last_name": customer["last_name"]},
+                              f"The user gave customer id {customer['customer_id']} and last name "
+                              f"{customer['last_name']}. I must verify them first, so I call verify_customer.")
+            self.tier = result["tier"]
+        if missing:
+            dlg.say(dlg.pick(("Which reservation is it? Please give me the reservation id.",
+                              "Could you tell me the reservation id?")),
+                    f"The customer {dlg.authenticated} is verified and wants to {goal}, but gave no reservation "
+                    "id. I ask for it rather than guess.")
+            dlg.user(dlg.pick(("It's {rid}.", "{rid}.", "Reservation {rid}."), rid=reservation_id))
+
+    def reservation_phrase(self, reservation_id: str, with_id: tuple[str, ...], without_id: tuple[str, ...],
+                           **slots: Any) -> str:
+        templates = with_id if self.rng.random() < 0.75 else without_id
+        return self.dlg.pick(templates, rid=reservation_id, **slots)
+
+    def find_reservation(self, first: bool, reservation: dict[str, Any], goal: str, purpose: str,
+                         with_id: tuple[str, ...], by_place: tuple[str, ...], without_id: tuple[str, ...],
+                         **slots: Any) -> dict[str, Any]:
+        """The request (naming the reservation id 65%, its destination 20%, nothing 15%), verification,
+        then the reservation read with get_reservation, or found among the customer's reservations."""
+        roll = self.rng.random()
+        templates = with_id if roll < 0.65 else by_place if roll < 0.85 else without_id
+        rid, destination = reservation["reservation_id"], reservation["destination"]
+        request = self.dlg.pick(templates, rid=rid, dest=destination, **slots)
+        by_destination = templates is by_place
+        self.open_request(first, request, goal, rid, can_search=by_destination)
+        if not by_destination:
+            return self.look_up(rid, purpose)
+        dlg = self.dlg
+        result = dlg.call("get_customer", {"customer_id": dlg.authenticated},
+                          f"The customer {dlg.authenticated} is verified and wants to {goal} for the trip to "
+                          f"{destination}, without a reservation id. I call get_customer to list reservations.")
+        checked: list[str] = []
+        for candidate in result["reservations"]:
+            reasoning = (f"Reservation {checked[-1]} does not fly to {destination}. I check the next one, "
+                         f"{candidate}, with get_reservation." if checked else
+                         f"get_customer lists {listing(result['reservations'])}. To find the trip to {destination} "
+                         f"I call get_reservation on the first, {candidate}.")
+            current = dlg.call("get_reservation", {"reservation_id": candidate}, reasoning)
+            if current["destination"] == destination:
+                return current
+            checked.append(candidate)
+        raise RuntimeError(f"no reservation to {destination}")  # make_db books each route at most once
+
+    def look_up(self, reservation_id: str, why: str) -> dict[str, Any]:
+        return self.dlg.call("get_reservation", {"reservation_id": reservation_id},
+                             f"The customer {self.dlg.authenticated} is verified and named reservation "
+                             f"{reservation_id}. I call get_reservation to {why}.")
+
+    def pick_reservation(self, fits: Any, bias: float = 0.65) -> dict[str, Any]:
+        reservations = [self.dlg.db["reservations"][rid] for rid in self.customer["reservations"]
+                        if rid in self.dlg.db["reservations"]]
+        fitting = [reservation for reservation in reservations if fits(reservation)]
+        return self.rng.choice(fitting if fitting and self.rng.random() < bias else reservations)
+
+    def confirm_write(self, proposal: str, confirm_reasoning: str, write: tuple[str, dict[str, Any]],
+                      write_reasoning: str, report: Any, declined: str) -> None:
+        dlg = self.dlg
+        dlg.say(proposal, confirm_reasoning)
+        if self.rng.random() < 0.85:
+            dlg.user(dlg.pick(YES), confirms=True)
+            result = dlg.call(write[0], write[1], write_reasoning)
+            text, reasoning = report(result)
+            dlg.say(text, reasoning)
+        else:
+            dlg.user(dlg.pick(NO))
+            dlg.say(declined, "The user declined, so I must not call the write tool. I acknowledge and "
+                              "change nothing.")
+
+    def flight_options(self, search: dict[str, Any], exclude: str | None, passengers: int) -> list[dict[str, Any]]:
+        return [flight for flight in search["flights"] if flight["flight_id"] != exclude
+                and flight["seats"] >= passengers]
+
+    @staticmethod
+    def describe(flights: list[dict[str, Any]]) -> str:
+        return listing([f"{flight['flight_id']} at {flight['depart']} for {money(flight['price'])}"
+                        for flight in flights])
+
+    def choose_flight(self, options: list[dict[str, Any]]) -> dict[str, Any]:
+        """The user picks one of the offered flights, by id or by departure time."""
+        chosen = self.rng.choice(options)
+        self.dlg.user(self.dlg.pick(("{fid}, please.", "The {time} one.", "I'll take {fid}.", "Let's do the {time} flight."),
+                                    fid=chosen["flight_id"], time=chosen["depart"]))
+        return chosen
+
+    # -- intents
+
+    def book(self, dlg: Dialogue, first: bool) -> None:
+        flights = dlg.db["flights"].values()
+        booked = {(r["origin"], r["destination"]) for r in dlg.db["reservations"].values()}
+        routes = sorted({(f["origin"], f["destination"]) for f in flights} - booked) or sorted(booked)
+        origin, destination = self.rng.choice(routes)
+        date = _date(self.rng)
+        passengers = self.rng.randint(1, 3)
+        cabin = self.rng.choices(CABINS, (2, 5, 2))[0]
+        insurance = self.rng.random() < 0.3
+        say_cabin = self.rng.random() < 0.7
+        parts = [dlg.pick(("I need a flight from {o} to {d} on {date}.", "Can you book {o} to {d} for {date}?",
+                           "I want to fly {o}-{d} on {date}."), o=origin, d=destination, date=date),
+                 dlg.pick(("We are {n}.", "It's for {n}.", "{n} in total."), n=people(passengers))]
+        if say_cabin:
+            parts.append(dlg.pick(("{cabin} class please.", "In {cabin}."), cabin=cabin).capitalize())
+        if insurance:
+            parts.append(self.rng.choice(("Add travel insurance.", "With insurance, please.")))
+        request = parts[0] + " " + sentences(dlg, parts[1:])
+        self.open_request(first, request, "book a flight", None)
+        if not say_cabin:
+            dlg.say(dlg.pick(("Which cabin would you like: basic, economy or business?",
+                              "Sure. Basic, economy or business cabin?")),
+                    "The user wants to book but did not say the cabin, which search_flights and book_flight "
+                    "need for the price. I ask for it.")
+            dlg.user(dlg.pick(("{cabin}.", "{cabin}, please.", "Let's go with {cabin}."), cabin=cabin).capitalize())
+        search = dlg.call("search_flights", {"origin": origin, "destination": destination, "date": date,
+                                             "cabin": cabin},
+                          f"The user wants {cabin} seats from {origin} to {destination} on {date} for "
+                          f"{people(passengers)}. I call search_flights.")
+        options = self.flight_options(search, None, passengers)
+        if not options:
+            dlg.say(dlg.pick(("Sorry, no flight from {o} to {d} on {date} has {n} seats left.",
+                              "There are not enough seats for {n} on any {o}-{d} flight that day."),
+                             o=origin, d=destination, date=date, n=passengers),
+                    f"search_flights shows no flight with at least {passengers} seats, so I cannot book. I tell "
+                    "the user.")
+            return
+        dlg.say(dlg.pick(("I found {options} per passenger. Which one would you like?",
+                          "Available: {options} per seat. Which flight?"), options=self.describe(options)),
+                f"search_flights returned {len(options)} flight(s) with enough seats. The user must choose one "
+                "before I can book, so I list them.")
+        chosen = self.choose_flight(options)
+        seat_price = chosen["price"]
+        extra = INSURANCE_FEE * passengers if insurance else 0
+        total = seat_price * passengers + extra
+        arithmetic = f"{passengers} x {money(seat_price)}" + (f" + {passengers} x {money(INSURANCE_FEE)} insurance"
+                                                              if insurance else "") + f" = {money(total)}"
+        arguments = {"customer_id": dlg.authenticated, "flight_id": chosen["flight_id"], "date": date, "cabin": cabin,
+                     "passengers": passengers}
+        if insurance:
+            arguments["insurance"] = True
+        self.confirm_write(
+            dlg.pick(("To confirm: {fid} on {date}, {cabin}, {n}{ins}. Total {total}. Shall I book it?",
+                      "Booking {fid} ({o}-{d}, {date}) in {cabin} for {n}{ins} costs {total}. Go ahead?"),
+                     fid=chosen["flight_id"], date=date, cabin=cabin, n=people(passengers), o=origin, d=destination,
+                     ins=" with insurance" if insurance else "", total=money(total)),
+            f"The user chose {chosen['flight_id']}. Cost: {arithmetic}. The policy needs an explicit yes before "
+            "book_flight, so I state the details and ask.",
+            ("book_flight", arguments),
+            f"The user confirmed. I call book_flight for {dlg.authenticated} on {chosen['flight_id']}, {date}, "
+            f"{cabin}, {people(passengers)}" + (", with insurance." if insurance else "."),
+            lambda result: (dlg.pick(("Booked! Your reservation is {rid}, total {total}.",
+                                      "Done: reservation {rid} is confirmed. You paid {total}."),
+                                     rid=result["reservation_id"], total=money(result["total"])),
+                            f"book_flight created reservation {result['reservation_id']} for "
+                            f"{money(result['total'])}. I give the user the id and total."),
+            dlg.pick(("Okay, I haven't booked anything.", "No problem, nothing was booked.")))
+
+    def cancel(self, dlg: Dialogue, first: bool) -> None:
+        reservation = self.pick_reservation(lambda r: r["insurance"] or r["cabin"] == "business", bias=0.55)
+        rid = reservation["reservation_id"]
+        reason = self.rng.choice(("change of plans", "health", "other"))
+        why = {"change of plans": "my plans changed", "health": "I'm sick",
+               "other": "I just can't go"}[reason]
+        current = self.find_reservation(
+            first, reservation, "cancel a reservation", "check whether it can be cancelled",
+            ("Please cancel reservation {rid}, {why}.", "I need to cancel {rid} because {why}."),
+            ("Please cancel my trip to {dest}; {why}.", "I can't make my flight to {dest}, {why}. Cancel it please."),
+            ("I need to cancel a trip, {why}.", "Please cancel my booking; {why}."), why=why)
+        rid = current["reservation_id"]
+        if current["status"] != "booked":
+            dlg.say(dlg.pick(("Reservation {rid} is already {status}.", "{rid} was already {status}; nothing to do."),
+                             rid=rid, status=current["status"]),
+                    f"get_reservation shows {rid} is {current['status']}, so there is nothing to cancel.")
+            return
+        if not (current["insurance"] or current["cabin"] == "business"):
+            dlg.say(dlg.pick(("Sorry, reservation {rid} is {cabin} without insurance, so it can't be cancelled.",
+                              "I can't cancel {rid}: only business or insured bookings can be cancelled, and it is "
+                              "{cabin} without insurance."), rid=rid, cabin=current["cabin"]),
+                    f"get_reservation shows {rid} is {current['cabin']} without insurance. The policy allows "
+                    "cancelling only business or insured reservations, so I refuse and do not call "
+                    "cancel_reservation.")
+            return
+        basis = "business" if current["cabin"] == "business" else "insured"
+        self.confirm_write(
+            dlg.pick(("Reservation {rid} ({o}-{d}, {date}) is {basis}, so I can cancel it and refund {paid}. "
+                      "Confirm?", "I can cancel {rid} and refund {paid}. Shall I proceed?"),
+                     rid=rid, o=current["origin"], d=current["destination"], date=current["date"], basis=basis,
+                     paid=money(current["paid"])),
+            f"Reservation {rid} is {basis}, so cancellation is allowed, with a refund of the {money(current['paid'])} "
+            "paid. I need an explicit yes before cancel_reservation.",
+            ("cancel_reservation", {"reservation_id": rid, "reason": reason}),
+            f"The user confirmed. I call cancel_reservation for {rid} with the reason '{reason}'.",
+            lambda result: (dlg.pick(("Reservation {rid} is cancelled; {refund} will be refunded.",
+                                      "Done. {rid} is cancelled and you'll get {refund} back."),
+                                     rid=rid, refund=money(result["refund"])),
+                            f"cancel_reservation succeeded with a refund of {money(result['refund'])}. I tell the user."),
+            dlg.pick(("Okay, reservation {rid} stays booked.", "Alright, I left {rid} as it is."), rid=rid))
+
+    def change(self, dlg: Dialogue, first: bool) -> None:
+        reservation = self.pick_reservation(lambda r: r["cabin"] != "basic" and r["status"] == "booked")
+        rid = reservation["reservation_id"]
+        request = self.reservation_phrase(
+            rid, ("Can I switch reservation {rid} to another flight that day?",
+                  "I'd like a different flight time for {rid}."),
+            ("I want to move my flight to a different time.", "Can I change to another flight on the same day?"))
+        self.open_request(first, request, "change flights", rid)
+        current = self.look_up(rid, "check its fare and route")
+        if current["status"] != "booked" or current["cabin"] == "basic":
+            why = "it is a basic fare" if current["status"] == "booked" else f"it is {current['status']}"
+            dlg.say(dlg.pick(("Sorry, I can't change reservation {rid} because {why}.",
+                              "Reservation {rid} can't be moved: {why}."), rid=rid, why=why),
+                    f"get_reservation shows {rid}: {why}. The policy forbids the change, so I refuse without "
+                    "calling change_flight.")
+            return
+        search = dlg.call("search_flights", {"origin": current["origin"], "destination": current["destination"],
+                                             "date": current["date"], "cabin": current["cabin"]},
+                          f"Reservation {rid} is {current['cabin']}, so it can change. I call search_flights for "
+                          f"{current['origin']}-{current['destination']} on {current['date']} to find other flights.")
+        options = self.flight_options(search, current["flight_id"], current["passengers"])
+        if not options:
+            dlg.say(dlg.pick(("Sorry, there is no other flight with {n} free seats that day.",
+                              "No other {o}-{d} flight that day has room for {n}."),
+                             n=current["passengers"], o=current["origin"], d=current["destination"]),
+                    "search_flights shows no other flight with enough seats, so the change is impossible.")
+            return
+        dlg.say(dlg.pick(("Other flights that day: {options} per seat. Which one?",
+                          "I can offer {options} per passenger. Which do you prefer?"), options=self.describe(options)),
+                f"search_flights found {len(options)} other flight(s) with enough seats. I list them so the user "
+                "can choose.")
+        chosen = self.choose_flight(options)
+        old_price = next(flight["price"] for flight in search["flights"] if flight["flight_id"] == current["flight_id"])
+        difference = (chosen["price"] - old_price) * current["passengers"]
+        arithmetic = (f"({money(chosen['price'])} - {money(old_price)}) x {current['passengers']} = "
+                      f"{'-' if difference < 0 else ''}{money(abs(difference))}")
+        cost = (f"a fare difference of {money(difference)}" if difference > 0 else
+                f"a credit of {money(-difference)}" if difference < 0 else "no fare difference")
+        self.confirm_write(
+            dlg.pick(("Moving {rid} to {fid} at {time} means {cost}. Shall I make the change?",
+                      "I'll move {rid} to {fid} ({time}), with {cost}. Confirm?"),
+                     rid=rid, fid=chosen["flight_id"], time=chosen["depart"], cost=cost),
+            f"The user chose {chosen['flight_id']}. Fare difference: {arithmetic}. I need an explicit yes before "
+            "change_flight.",
+            ("change_flight", {"reservation_id": rid, "flight_id": chosen["flight_id"]}),
+            f"The user confirmed. I call change_flight to move {rid} to {chosen['flight_id']}.",
+            lambda result: (dlg.pick(("Done: {rid} is now on {fid}.", "Your reservation {rid} is moved to {fid}."),
+                                     rid=rid, fid=result["flight_id"]),
+                            f"change_flight moved {rid} to {result['flight_id']}. I confirm it."),
+            dlg.pick(("Okay, {rid} stays on your current flight.", "No change made to {rid}."), rid=rid))
+
+    def bags(self, dlg: Dialogue, first: bool) -> None:
+        reservation = self.pick_reservation(lambda r: r["status"] == "booked" and r["bags"] < MAX_BAGS, bias=0.8)
+        rid = reservation["reservation_id"]
+        count = self.rng.randint(1, 3)
+        current = self.find_reservation(
+            first, reservation, "add bags", "check its bags",
+            ("Please add {n} checked bag{s} to reservation {rid}.", "I need {n} more bag{s} on {rid}."),
+            ("Add {n} bag{s} to my flight to {dest}, please.", "I need {n} checked bag{s} for my trip to {dest}."),
+            ("I'd like to add {n} checked bag{s} to my trip.", "Can I add {n} bag{s} to my booking?"),
+            n=count, s="s" if count > 1 else "")
+        rid = current["reservation_id"]
+        if current["status"] != "booked" or current["bags"] + count > MAX_BAGS:
+            why = (f"it already has {current['bags']} bags and the limit is {MAX_BAGS}"
+                   if current["status"] == "booked" else f"it is {current['status']}")
+            dlg.say(dlg.pick(("Sorry, I can't add {n} bags to {rid}: {why}.", "That isn't possible for {rid}, as {why}."),
+                             n=count, rid=rid, why=why),
+                    f"get_reservation shows {rid}: {why}. Adding {count} would break the policy, so I refuse "
+                    "without calling add_bags.")
+            return
+        tier = self.tier or "regular"
+        fee = 0 if tier == "gold" else BAG_FEE * count
+        arithmetic = "free for gold members" if tier == "gold" else f"{count} x {money(BAG_FEE)} = {money(fee)}"
+        self.confirm_write(
+            dlg.pick(("Adding {n} bag{s} to {rid} costs {fee}{gold}. Shall I add them?",
+                      "{rid} will have {total} bags; the fee is {fee}{gold}. Confirm?"),
+                     n=count, s="s" if count > 1 else "", rid=rid, fee=money(fee), total=current["bags"] + count,
+                     gold=" as a gold member" if tier == "gold" else ""),
+            f"{rid} has {current['bags']} bags; adding {count} makes {current['bags'] + count}, within {MAX_BAGS}. "
+            f"The customer is {tier}, so the fee is {arithmetic}. I ask for a yes before add_bags.",
+            ("add_bags", {"reservation_id": rid, "bags": count}),
+            f"The user confirmed. I call add_bags to add {count} bag(s) to {rid}.",
+            lambda result: (dlg.pick(("Done: {rid} now has {bags} bags, fee {fee}.",
+                                      "Added. {rid} has {bags} checked bags; you were charged {fee}."),
+                                     rid=rid, bags=result["bags"], fee=money(result["fee"])),
+                            f"add_bags succeeded: {result['bags']} bags, fee {money(result['fee'])}. I report it."),
+            dlg.pick(("Okay, no bags were added.", "Alright, {rid} keeps its current bags."), rid=rid))
+
+    def details(self, dlg: Dialogue, first: bool) -> None:
+        reservation = self.pick_reservation(lambda r: True)
+        rid = reservation["reservation_id"]
+        current = self.find_reservation(
+            first, reservation, "know their booking details", "read its details",
+            ("What are the details of reservation {rid}?", "When is my flight on {rid}?",
+             "Can you remind me what's booked on {rid}?"),
+            ("What are the details of my trip to {dest}?", "When do I fly to {dest}?"),
+            ("Can you check my booking?", "When does my flight leave?"))
+        rid = current["reservation_id"]
+        dlg.say(dlg.pick(("Reservation {rid} is {status}: {fid} from {o} to {d} on {date}, {cabin}, {n}, {bags} bags.",
+                          "{rid}: flight {fid} {o}-{d} on {date} in {cabin} for {n} ({status})."),
+                         rid=rid, status=current["status"], fid=current["flight_id"], o=current["origin"],
+                         d=current["destination"], date=current["date"], cabin=current["cabin"],
+                         n=people(current["passengers"]), bags=current["bags"]),
+                f"get_reservation returned {rid}: {current['flight_id']} {current['origin']}-{current['destination']} "
+                f"on {current['date']}, {current['cabin']}. The user only asked, so I answer.")
+
+    def trip_status(self, dlg: Dialogue, first: bool) -> None:
+        """Two reads in a row: the reservation, then its flight's status on the reservation's date."""
+        reservation = self.pick_reservation(lambda r: r["status"] == "booked")
+        current = self.find_reservation(
+            first, reservation, "know if their flight is on time", "find its flight and date",
+            ("Is my flight on reservation {rid} on time?", "Any delays for booking {rid}?"),
+            ("Is my flight to {dest} on time?", "Is my {dest} flight delayed?"),
+            ("Is my flight on time?", "Will my flight leave on time?"))
+        flight_id, date = current["flight_id"], current["date"]
+        result = dlg.call("flight_status", {"flight_id": flight_id, "date": date},
+                          f"get_reservation shows flight {flight_id} on {date}. I call flight_status for that "
+                          "flight and date.")
+        fact = {"on time": "is on time", "cancelled": "is cancelled",
+                "delayed": f"is delayed by {result['delay_min']} minutes"}[result["status"]]
+        dlg.say(dlg.pick(("Your flight {fid} on {date} {fact}.", "Flight {fid} ({date}) {fact}."),
+                         fid=flight_id, date=date, fact=fact),
+                f"flight_status says {flight_id} {fact}. I answer with that.")
+
+    def list_trips(self, dlg: Dialogue, first: bool) -> None:
+        request = dlg.pick(("Which reservations do I have?", "Can you list my bookings?", "What trips do I have booked?"))
+        self.open_request(first, request, "see their reservations", None)
+        result = dlg.call("get_customer", {"customer_id": dlg.authenticated},
+                          f"The customer is verified as {dlg.authenticated} and wants their reservations, so I "
+                          "call get_customer.")
+        ids = result["reservations"]
+        dlg.say(dlg.pick(("You have {count} reservation{s}: {ids}.", "I see {ids} on your account."),
+                         count=len(ids), s="s" if len(ids) > 1 else "", ids=listing(ids)),
+                f"get_customer lists {len(ids)} reservation(s): {listing(ids)}. I answer with them.")
+
+    def latest(self, dlg: Dialogue, first: bool) -> None:
+        """Two reads in a row: the reservation list, then the newest one (the last id in the list)."""
+        request = dlg.pick(("What's on my latest booking?", "Can you check my most recent reservation?",
+                            "What did I book last?"))
+        self.open_request(first, request, "check their latest booking", None)
+        result = dlg.call("get_customer", {"customer_id": dlg.authenticated},
+                          f"The customer is verified as {dlg.authenticated} but gave no reservation id. "
+                          "get_customer lists their reservations, so I call it.")
+        newest = result["reservations"][-1]
+        current = dlg.call("get_reservation", {"reservation_id": newest},
+                           f"get_customer lists {listing(result['reservations'])}; the latest is the last one, "
+                           f"{newest}. I call get_reservation for its details.")
+        dlg.say(dlg.pick(("Your latest reservation {rid} is {fid} from {o} to {d} on {date} ({status}).",
+                          "{rid}: {o}-{d} on {date}, {cabin}, {status}."),
+                         rid=newest, fid=current["flight_id"], o=current["origin"], d=current["destination"],
+                         date=current["date"], cabin=current["cabin"], status=current["status"]),
+                f"get_reservation shows {newest}: {current['origin']}-{current['destination']} on "
+                f"{current['date']}, {current['status']}. I answer.")
+
+    def status(self, dlg: Dialogue, first: bool) -> None:
+        flight = self.rng.choice(sorted(dlg.db["flights"].values(), key=lambda flight: flight["flight_id"]))
+        date = _date(self.rng)
+        dlg.user(dlg.pick(("Is flight {fid} on time on {date}?", "What's the status of {fid} on {date}?",
+                           "Any delay for {fid} on {date}?"), fid=flight["flight_id"], date=date))
+        result = dlg.call("flight_status", {"flight_id": flight["flight_id"], "date": date},
+                          f"The user asks about flight {flight['flight_id']} on {date}. Flight status needs no "
+                          "verification, so I call flight_status.")
+        fact = {"on time": "is on time", "cancelled": "is cancelled",
+                "delayed": f"is delayed by {result['delay_min']} minutes"}[result["status"]]
+        dlg.say(dlg.pick(("Flight {fid} on {date} {fact}.", "On {date}, {fid} {fact}."),
+                         fid=flight["flight_id"], date=date, fact=fact),
+                f"flight_status says {flight['flight_id']} {fact}. I answer with that.")
+
+    def refuse(self, dlg: Dialogue, first: bool) -> None:
+        request, reason = self.rng.choice((
+            ("Can you upgrade me to business for free?", "I can't give free upgrades"),
+            ("Can I transfer my ticket to a friend?", "tickets can't be transferred"),
+            ("Could you waive the bag fee this time?", "I can't waive bag fees"),
+            ("Can you give me a voucher for my trouble?", "I can't issue vouchers")))
+        dlg.user(request)
+        dlg.say(dlg.pick(("Sorry, {reason}; the policy doesn't allow it.", "I'm afraid {reason}. Anything else?"),
+                         reason=reason),
+                f"The user asks for something the policy does not allow ({reason}). No tool can do it, so I "
+                "refuse politely.")
+
+
+def script(dlg: Dialogue) -> None:
+    chat = AirlineChat(dlg)
+    openers = [(chat.book, 2.5), (chat.cancel, 2.5), (chat.change, 2), (chat.bags, 2), (chat.details, 1.5),
+               (chat.list_trips, 1), (chat.latest, 1.5), (chat.trip_status, 1.5), (chat.status, 1)]
+    followups = openers + [(chat.refuse, 1.5)]
+    converse(dlg, openers, followups)
+
+
+AIRLINE = Domain("airline", POLICY, TOOLS, make_db, script)
