@@ -28,9 +28,9 @@ class RewardConfig:
     length_decay_words: int = 100
 
     # Weights of the total. DESIGN: 1, 1, 1 (the paper sums the components unweighted).
-    weight_accuracy: float = 1.0
-    weight_format: float = 1.0
-    weight_length: float = 1.0
+    w_accuracy: float = 1.0
+    w_format: float = 1.0
+    w_length: float = 1.0
 
     # Which components enter the total (accuracy always does). Stage-1 style runs, whose policy
     # writes an empty think block, switch the length reward off: use_length=False.
@@ -57,7 +57,7 @@ class RewardConfig:
             )
         if self.length_decay_words <= 0:
             raise ValueError(f"RewardConfig: length_decay_words must be > 0; got {self.length_decay_words}")
-        for field_name in ("weight_accuracy", "weight_format", "weight_length"):
+        for field_name in ("w_accuracy", "w_format", "w_length"):
             weight = getattr(self, field_name)
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"RewardConfig: {field_name} must be a finite number >= 0; got {weight}")
@@ -73,10 +73,10 @@ class RewardConfig:
     @property
     def total_range(self) -> tuple[float, float]:
         """[lowest, highest] value the total can take under this config ."""
-        low = self.weight_accuracy * min(self.wrong_kind_penalty, 1.0)
-        high = self.weight_accuracy * max(self.wrong_kind_penalty, 2.0)
+        low = self.w_accuracy * min(self.wrong_kind_penalty, 1.0)
+        high = self.w_accuracy * max(self.wrong_kind_penalty, 2.0)
         if self.use_format:
-            high += self.weight_format
+            high += self.w_format
         if self.use_length:
-            high += self.weight_length
+            high += self.w_length
         return low, high

@@ -135,7 +135,8 @@ def score_batch(
     similarity_of_row: dict[int, float] = {}
     if answer_rows:
         scorer = _resolve_similarity(similarity, config)
-        raw_scores = list(scorer([parsed[row].answer or "" for row in answer_rows], [targets[row]["text"] for row in answer_rows]))
+        predictions = [parsed[row].answer or "" for row in answer_rows]
+        raw_scores = list(scorer(predictions, [targets[row]["text"] for row in answer_rows]))
         if len(raw_scores) != len(answer_rows):
             raise ValueError(f"similarity returned {len(raw_scores)} scores for {len(answer_rows)} pairs")
         similarity_of_row = dict(zip(answer_rows, raw_scores))
@@ -173,12 +174,14 @@ def _result(reading: Parsed, target: dict[str, Any], raw_similarity: Any, config
         success = value >= config.success_similarity
     components["accuracy"] = accuracy
 
-    total = config.weight_accuracy * accuracy
+    total = config.w_accuracy * accuracy
     if config.use_format:
-        total += config.weight_format * components["format"]
+        total += config.w_format * components["format"]
     if config.use_length:
-        total += config.weight_length * components["length"]
-    return RewardResult(total=total, components=components, success=success, kind=reading.kind, problems=list(reading.problems))
+        total += config.w_length * components["length"]
+    return RewardResult(
+        total=total, components=components, success=success, kind=reading.kind, problems=list(reading.problems)
+    )
 
 
 def _as_float(value: Any) -> float:

@@ -181,7 +181,9 @@ _BY_REQUEST: dict[tuple[str | None, bool, str | None], Similarity] = {}
 _BY_MODEL: dict[tuple[str, str, str | None], Similarity] = {}
 
 
-def get_similarity(name_or_path: str | None = None, *, lexical_ok: bool = False, device: str | None = None) -> Similarity:
+def get_similarity(
+    name_or_path: str | None = None, *, lexical_ok: bool = False, device: str | None = None
+) -> Similarity:
     """The similarity backend for `name_or_path` (see module docstring), loaded once per process.
 
     lexical_ok: fall back to LexicalSimilarity (with a warning) instead of raising

@@ -32,7 +32,9 @@ from rewards import (
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-GOLD_CALL = {"kind": "tool_call", "name": "book_flight", "arguments": {"origin": "SFO", "destination": "JFK", "passengers": 2}}
+GOLD_CALL = {
+    "kind": "tool_call", "name": "book_flight", "arguments": {"origin": "SFO", "destination": "JFK", "passengers": 2}
+}
 GOLD_ANSWER = {"kind": "answer", "text": "Your flight from SFO to JFK is booked."}
 REASONING_20 = " ".join(f"step{i}" for i in range(20))  # 20 words: inside [14, 100], R_len = 1
 
@@ -115,7 +117,8 @@ def test_call_with_float_of_integral_value_matches():
 
 
 def test_call_with_an_extra_key():
-    result = score(call_completion({"origin": "SFO", "destination": "JFK", "passengers": 2, "seat": "aisle"}), GOLD_CALL)
+    arguments = {"origin": "SFO", "destination": "JFK", "passengers": 2, "seat": "aisle"}
+    result = score(call_completion(arguments), GOLD_CALL)
     # J = 3/4, V = 3: S = 1 + 0.75 + 3 = 4.75, q = 0.95.
     assert result.components["key_jaccard"] == pytest.approx(0.75)
     assert result.components["accuracy"] == pytest.approx(1.95)
@@ -234,7 +237,9 @@ def test_text_before_think_costs_one_check():
 
 def test_text_between_think_and_action_fails_one_action_check():
     checks = parse(think(20) + "Let me book it. " + call_block("book_flight", {})).format_checks
-    assert checks == {"think_present": True, "think_first": True, "one_action": False, "clean_end": True, "valid_body": True}
+    assert checks == {
+        "think_present": True, "think_first": True, "one_action": False, "clean_end": True, "valid_body": True
+    }
 
 
 def test_unclosed_action_block_is_read_but_not_clean():
@@ -311,7 +316,7 @@ def test_out_of_range_similarity_is_clipped():
 
 def test_weights_and_switches():
     completion = call_completion(GOLD_CALL["arguments"], think_words=7)  # acc 2, fmt 1, len 0.5
-    config = RewardConfig(weight_accuracy=2.0, weight_format=0.5, weight_length=4.0)
+    config = RewardConfig(w_accuracy=2.0, w_format=0.5, w_length=4.0)
     assert score(completion, GOLD_CALL, config=config).total == pytest.approx(4 + 0.5 + 2)
     assert score(completion, GOLD_CALL, config=RewardConfig(use_format=False)).total == pytest.approx(2.5)
     assert score(completion, GOLD_CALL, config=RewardConfig(wrong_kind_penalty=-3.0)).total == pytest.approx(3.5)
@@ -324,8 +329,8 @@ def test_config_rejects_bad_constants():
         RewardConfig(length_min_words=50, length_max_words=10)
     with pytest.raises(ValueError, match="success_similarity"):
         RewardConfig(success_similarity=1.5)
-    with pytest.raises(ValueError, match="weight_format"):
-        RewardConfig(weight_format=float("nan"))
+    with pytest.raises(ValueError, match="w_format"):
+        RewardConfig(w_format=float("nan"))
 
 
 def test_score_batch_makes_one_similarity_call_for_all_answer_pairs():

@@ -25,7 +25,8 @@ TARGETS = [
 # JSON values without NaN/inf; strings without "<" so that no value can contain a closing tag.
 safe_text = st.text(st.characters(blacklist_characters="<", blacklist_categories=("Cs",)), max_size=12)
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | safe_text,
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False)
+    | safe_text,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(safe_text, children, max_size=4),
     max_leaves=12,
 )
@@ -61,7 +62,8 @@ structured_text = st.builds(
         [prefix, think_open, reasoning, think_close, middle, *actions, suffix]),
     optional(st.text(max_size=5)), st.sampled_from([THINK_OPEN, THINK_OPEN, ""]),
     st.text(st.characters(blacklist_characters="<"), max_size=200), st.sampled_from([THINK_CLOSE, THINK_CLOSE, ""]),
-    optional(st.text(max_size=5)), st.lists(action_blocks, min_size=1, max_size=3), optional(st.sampled_from([IM_END, "\n", "junk"])),
+    optional(st.text(max_size=5)), st.lists(action_blocks, min_size=1, max_size=3),
+    optional(st.sampled_from([IM_END, "\n", "junk"])),
 )
 model_output = st.one_of(st.text(max_size=300), tagged_text, structured_text)
 
@@ -84,9 +86,9 @@ def assert_in_range(result, config: RewardConfig) -> None:
     if "similarity" in components:
         assert 0.0 <= components["similarity"] <= 1.0
     expected_total = (
-        config.weight_accuracy * components["accuracy"]
-        + (config.weight_format * components["format"] if config.use_format else 0.0)
-        + (config.weight_length * components["length"] if config.use_length else 0.0)
+        config.w_accuracy * components["accuracy"]
+        + (config.w_format * components["format"] if config.use_format else 0.0)
+        + (config.w_length * components["length"] if config.use_length else 0.0)
     )
     assert math.isclose(result.total, expected_total, abs_tol=1e-9)
     if result.success:
@@ -113,7 +115,7 @@ def test_parse_never_raises_and_is_consistent(text):
 @given(st.lists(model_output, min_size=1, max_size=4), st.data())
 def test_score_batch_stays_in_range_for_any_output(texts, data):
     targets = [data.draw(st.sampled_from(TARGETS)) for _ in texts]
-    config = data.draw(st.sampled_from([RewardConfig(), RewardConfig(use_length=False, weight_format=0.5)]))
+    config = data.draw(st.sampled_from([RewardConfig(), RewardConfig(use_length=False, w_format=0.5)]))
     for result in score_batch(texts, targets, config=config, similarity=random_similarity):
         assert_in_range(result, config)
 
@@ -150,8 +152,13 @@ def test_argument_key_order_never_matters(arguments, generator):
 
 
 def _is_object_string(value) -> bool:
+    """A string holding a strict-JSON object (NaN/Infinity refused, as the parser does)."""
+
+    def refuse(constant: str):
+        raise ValueError(constant)
+
     try:
-        return isinstance(value, str) and isinstance(json.loads(value), dict)
+        return isinstance(value, str) and isinstance(json.loads(value, parse_constant=refuse), dict)
     except ValueError:
         return False
 
@@ -160,6 +167,7 @@ def _is_object_string(value) -> bool:
 @given(json_values, st.one_of(json_values, arguments_dicts, arguments_dicts.map(json.dumps)))
 def test_a_call_is_recognised_exactly_when_name_and_arguments_are_usable(name, arguments):
     parsed = parse(f"<think>x</think>{TOOL_OPEN}{json.dumps({'name': name, 'arguments': arguments})}{TOOL_CLOSE}")
-    usable = isinstance(name, str) and (arguments is None or isinstance(arguments, dict) or _is_object_string(arguments))
+    usable_arguments = arguments is None or isinstance(arguments, dict) or _is_object_string(arguments)
+    usable = isinstance(name, str) and usable_arguments
     assert (parsed.kind == "tool_call") == usable
     assert parsed.format_checks["valid_body"] == (isinstance(name, str) and isinstance(arguments, dict))
