@@ -14,7 +14,7 @@ import string
 from typing import Any
 
 from data.synthetic.world import (
-    BOOLEAN, STRING, Db, Dialogue, Domain, Tool, ToolResult, converse, enum, error, listing, money, params,
+    BOOLEAN, INTEGER, STRING, Db, Dialogue, Domain, Tool, ToolResult, converse, enum, error, listing, money, params,
     replace_record, sentences, YES, NO,
 )
 from data.synthetic.retail import FIRST_NAMES, LAST_NAMES
@@ -217,8 +217,6 @@ def flight_status(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
             "delay_min": flight["delay_min"]}, db
 
 
-PASSENGERS = {"type": "integer", "minimum": 1, "maximum": 6}
-BAGS = {"type": "integer", "minimum": 1, "maximum": MAX_BAGS}
 TOOLS = (
     Tool("verify_customer", "Verify a customer by id and last name.",
          params({"customer_id": STRING, "last_name": STRING}), verify_customer, auth_key="customer_id"),
@@ -227,15 +225,15 @@ TOOLS = (
     Tool("search_flights", "Find flights on a route and date.",
          params({"origin": STRING, "destination": STRING, "date": STRING}, {"cabin": enum(*CABINS)}),
          search_flights),
-    Tool("book_flight", "Book a flight for the customer.",
+    Tool("book_flight", "Book a flight.",
          params({"customer_id": STRING, "flight_id": STRING, "date": STRING, "cabin": enum(*CABINS),
-                 "passengers": PASSENGERS}, {"insurance": BOOLEAN}), book_flight, writes=True),
+                 "passengers": INTEGER}, {"insurance": BOOLEAN}), book_flight, writes=True),
     Tool("cancel_reservation", "Cancel a reservation.",
          params({"reservation_id": STRING, "reason": enum("change of plans", "health", "other")}),
          cancel_reservation, writes=True),
-    Tool("change_flight", "Move a reservation to another flight on the same route.",
+    Tool("change_flight", "Move a reservation to another flight.",
          params({"reservation_id": STRING, "flight_id": STRING}), change_flight, writes=True),
-    Tool("add_bags", "Add checked bags to a reservation.", params({"reservation_id": STRING, "bags": BAGS}),
+    Tool("add_bags", "Add checked bags to a reservation.", params({"reservation_id": STRING, "bags": INTEGER}),
          add_bags, writes=True),
     Tool("flight_status", "Get a flight's status on a date.", params({"flight_id": STRING, "date": STRING}),
          flight_status, public=True),
@@ -355,7 +353,7 @@ class AirlineChat:
                       write_reasoning: str, report: Any, declined: str) -> None:
         dlg = self.dlg
         dlg.say(proposal, confirm_reasoning)
-        if self.rng.random() < 0.85:
+        if self.rng.random() < 0.9:
             dlg.user(dlg.pick(YES), confirms=True)
             result = dlg.call(write[0], write[1], write_reasoning)
             text, reasoning = report(result)
@@ -374,12 +372,35 @@ class AirlineChat:
         return listing([f"{flight['flight_id']} at {flight['depart']} for {money(flight['price'])}"
                         for flight in flights])
 
-    def choose_flight(self, options: list[dict[str, Any]]) -> dict[str, Any]:
-        """The user picks one of the offered flights, by id or by departure time."""
-        chosen = self.rng.choice(options)
-        self.dlg.user(self.dlg.pick(("{fid}, please.", "The {time} one.", "I'll take {fid}.", "Let's do the {time} flight."),
-                                    fid=chosen["flight_id"], time=chosen["depart"]))
-        return chosen
+    def preference(self) -> tuple[str | None, str]:
+        """Half the users say upfront which flight they want (earliest, latest, cheapest): (key, sentence)."""
+        key = self.rng.choice((None, None, None, "earliest", "latest", "cheapest"))
+        if key is None:
+            return None, ""
+        return key, self.dlg.pick(("The {key} flight is fine.", "I'd like the {key} one.", "Give me the {key} option."),
+                                  key=key)
+
+    def choose_flight(self, options: list[dict[str, Any]], preference: str | None,
+                      listed_reasoning: str) -> tuple[dict[str, Any], str]:
+        """The flight to act on, and why: the user's stated preference applied to the options, or
+        (no preference) the assistant lists the options and the user picks one by id or time."""
+        if preference == "earliest":
+            chosen = min(options, key=lambda flight: flight["depart"])
+        elif preference == "latest":
+            chosen = max(options, key=lambda flight: flight["depart"])
+        elif preference == "cheapest":
+            chosen = min(options, key=lambda flight: (flight["price"], flight["depart"]))
+        else:
+            self.dlg.say(self.dlg.pick(("I found {options} per passenger. Which one would you like?",
+                                        "Available: {options} per seat. Which flight?"), options=self.describe(options)),
+                         listed_reasoning)
+            chosen = self.rng.choice(options)
+            self.dlg.user(self.dlg.pick(("{fid}, please.", "The {time} one.", "I'll take {fid}.",
+                                         "Let's do the {time} flight."), fid=chosen["flight_id"], time=chosen["depart"]))
+            return chosen, f"The user chose {chosen['flight_id']}."
+        detail = f"{money(chosen['price'])}" if preference == "cheapest" else f"departing {chosen['depart']}"
+        return chosen, (f"Of the {len(options)} flight(s) with enough seats, the {preference} is "
+                        f"{chosen['flight_id']}, {detail}.")
 
     # -- intents
 
@@ -393,6 +414,7 @@ class AirlineChat:
         cabin = self.rng.choices(CABINS, (2, 5, 2))[0]
         insurance = self.rng.random() < 0.3
         say_cabin = self.rng.random() < 0.7
+        preference, wish = self.preference()
         parts = [dlg.pick(("I need a flight from {o} to {d} on {date}.", "Can you book {o} to {d} for {date}?",
                            "I want to fly {o}-{d} on {date}."), o=origin, d=destination, date=date),
                  dlg.pick(("We are {n}.", "It's for {n}.", "{n} in total."), n=people(passengers))]
@@ -400,6 +422,8 @@ class AirlineChat:
             parts.append(dlg.pick(("{cabin} class please.", "In {cabin}."), cabin=cabin).capitalize())
         if insurance:
             parts.append(self.rng.choice(("Add travel insurance.", "With insurance, please.")))
+        if preference:
+            parts.append(wish)
         request = parts[0] + " " + sentences(dlg, parts[1:])
         self.open_request(first, request, "book a flight", None)
         if not say_cabin:
@@ -420,11 +444,9 @@ class AirlineChat:
                     f"search_flights shows no flight with at least {passengers} seats, so I cannot book. I tell "
                     "the user.")
             return
-        dlg.say(dlg.pick(("I found {options} per passenger. Which one would you like?",
-                          "Available: {options} per seat. Which flight?"), options=self.describe(options)),
-                f"search_flights returned {len(options)} flight(s) with enough seats. The user must choose one "
-                "before I can book, so I list them.")
-        chosen = self.choose_flight(options)
+        chosen, choice = self.choose_flight(
+            options, preference, f"search_flights returned {len(options)} flight(s) with enough seats. The user "
+                                 "must choose one before I can book, so I list them.")
         seat_price = chosen["price"]
         extra = INSURANCE_FEE * passengers if insurance else 0
         total = seat_price * passengers + extra
@@ -439,7 +461,7 @@ class AirlineChat:
                       "Booking {fid} ({o}-{d}, {date}) in {cabin} for {n}{ins} costs {total}. Go ahead?"),
                      fid=chosen["flight_id"], date=date, cabin=cabin, n=people(passengers), o=origin, d=destination,
                      ins=" with insurance" if insurance else "", total=money(total)),
-            f"The user chose {chosen['flight_id']}. Cost: {arithmetic}. The policy needs an explicit yes before "
+            f"{choice} Cost: {arithmetic}. I need an explicit yes before "
             "book_flight, so I state the details and ask.",
             ("book_flight", arguments),
             f"The user confirmed. I call book_flight for {dlg.authenticated} on {chosen['flight_id']}, {date}, "
@@ -452,7 +474,7 @@ class AirlineChat:
             dlg.pick(("Okay, I haven't booked anything.", "No problem, nothing was booked.")))
 
     def cancel(self, dlg: Dialogue, first: bool) -> None:
-        reservation = self.pick_reservation(lambda r: r["insurance"] or r["cabin"] == "business", bias=0.55)
+        reservation = self.pick_reservation(lambda r: r["insurance"] or r["cabin"] == "business", bias=0.8)
         rid = reservation["reservation_id"]
         reason = self.rng.choice(("change of plans", "health", "other"))
         why = {"change of plans": "my plans changed", "health": "I'm sick",
@@ -499,6 +521,9 @@ class AirlineChat:
             rid, ("Can I switch reservation {rid} to another flight that day?",
                   "I'd like a different flight time for {rid}."),
             ("I want to move my flight to a different time.", "Can I change to another flight on the same day?"))
+        preference, wish = self.preference()
+        if preference:
+            request += " " + wish
         self.open_request(first, request, "change flights", rid)
         current = self.look_up(rid, "check its fare and route")
         if current["status"] != "booked" or current["cabin"] == "basic":
@@ -519,11 +544,9 @@ class AirlineChat:
                              n=current["passengers"], o=current["origin"], d=current["destination"]),
                     "search_flights shows no other flight with enough seats, so the change is impossible.")
             return
-        dlg.say(dlg.pick(("Other flights that day: {options} per seat. Which one?",
-                          "I can offer {options} per passenger. Which do you prefer?"), options=self.describe(options)),
-                f"search_flights found {len(options)} other flight(s) with enough seats. I list them so the user "
-                "can choose.")
-        chosen = self.choose_flight(options)
+        chosen, choice = self.choose_flight(
+            options, preference, f"search_flights found {len(options)} other flight(s) with enough seats. I list "
+                                 "them so the user can choose.")
         old_price = next(flight["price"] for flight in search["flights"] if flight["flight_id"] == current["flight_id"])
         difference = (chosen["price"] - old_price) * current["passengers"]
         arithmetic = (f"({money(chosen['price'])} - {money(old_price)}) x {current['passengers']} = "
@@ -534,7 +557,7 @@ class AirlineChat:
             dlg.pick(("Moving {rid} to {fid} at {time} means {cost}. Shall I make the change?",
                       "I'll move {rid} to {fid} ({time}), with {cost}. Confirm?"),
                      rid=rid, fid=chosen["flight_id"], time=chosen["depart"], cost=cost),
-            f"The user chose {chosen['flight_id']}. Fare difference: {arithmetic}. I need an explicit yes before "
+            f"{choice} Fare difference: {arithmetic}. I need an explicit yes before "
             "change_flight.",
             ("change_flight", {"reservation_id": rid, "flight_id": chosen["flight_id"]}),
             f"The user confirmed. I call change_flight to move {rid} to {chosen['flight_id']}.",
@@ -675,9 +698,9 @@ class AirlineChat:
 
 def script(dlg: Dialogue) -> None:
     chat = AirlineChat(dlg)
-    openers = [(chat.book, 2.5), (chat.cancel, 2.5), (chat.change, 2), (chat.bags, 2), (chat.details, 1.5),
+    openers = [(chat.book, 2), (chat.cancel, 2.5), (chat.change, 2), (chat.bags, 2), (chat.details, 1.5),
                (chat.list_trips, 1), (chat.latest, 1.5), (chat.trip_status, 1.5), (chat.status, 1)]
-    followups = openers + [(chat.refuse, 1.5)]
+    followups = openers + [(chat.refuse, 0.7)]
     converse(dlg, openers, followups)
 
 

@@ -18,11 +18,10 @@ from data.synthetic.world import (
 
 POLICY = (
     "You are the support agent of Nordbay, an online shop. Authenticate the user by email or by name "
-    "and zip code before any account action. Ask for missing details; if the user names an item but "
-    "no order id, find the order among their orders. Only pending orders can be cancelled or get a "
-    "new address. Delivered items can be returned within 30 days; refunds go to the original payment "
-    "unless the user asks for a gift card. Before a change, state it and wait for an explicit yes. "
-    "Refuse anything else, like discounts."
+    "and zip before any account action. Ask for missing details; if the user names an item but no "
+    "order id, find the order among their orders. Only pending orders can be cancelled or get a new "
+    "address. Delivered items can be returned within 30 days, refunded to the original payment or a "
+    "gift card if asked. Before a change, state it and wait for an explicit yes. Refuse anything else."
 )
 
 CATALOG: dict[str, tuple[str, float]] = {
@@ -49,23 +48,33 @@ def random_address(rng: random.Random) -> str:
 
 
 def make_db(rng: random.Random) -> Db:
-    """One customer with 2-3 orders, and the catalog (stock varies per conversation)."""
+    """One customer with 2-3 orders, and the catalog (stock varies per conversation).
+
+    Statuses are random, but 80% of customers have one pending and one recently delivered order,
+    so that most cancel and return requests are allowed and refusals stay a minority.
+    """
     first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
     user_id = f"U{rng.randint(100, 999)}"
     order_ids = [f"O{number}" for number in rng.sample(range(1000, 10000), rng.randint(2, 3))]
+    statuses = rng.choices(("pending", "shipped", "delivered", "cancelled"), (4, 3, 5, 1), k=len(order_ids))
+    if rng.random() < 0.8:
+        statuses[:2] = ["pending", "recent"]
+        rng.shuffle(statuses)
     orders: dict[str, dict[str, Any]] = {}
-    for order_id in order_ids:
-        status = rng.choices(("pending", "shipped", "delivered", "cancelled"), (4, 3, 5, 1))[0]
+    for order_id, status in zip(order_ids, statuses):
+        recent = status == "recent"
+        status = "delivered" if recent else status
         items = [{"item_id": product_id, "name": CATALOG[product_id][0], "price": CATALOG[product_id][1]}
                  for product_id in sorted(rng.sample(sorted(CATALOG), rng.randint(1, 3)))]
         order: dict[str, Any] = {"order_id": order_id, "user_id": user_id, "status": status, "items": items,
                                  "total": round(sum(item["price"] for item in items), 2),
                                  "address": random_address(rng)}
         if status == "delivered":
-            order["days_since_delivery"] = rng.choice((rng.randint(1, RETURN_DAYS), rng.randint(RETURN_DAYS + 1, 60)))
+            order["days_since_delivery"] = rng.randint(2, RETURN_DAYS) if recent or rng.random() < 0.5 else \
+                rng.randint(RETURN_DAYS + 1, 60)
         if status == "shipped":
             order.update(carrier=rng.choice(CARRIERS), tracking=f"TRK{rng.randint(10000, 99999)}",
-                         eta_days=rng.randint(1, 6))
+                         eta_days=rng.randint(2, 6))  # >= 2: the answers say 'days'
         orders[order_id] = order
     user = {"user_id": user_id, "first_name": first, "last_name": last,
             "email": f"{first.lower()}.{last.lower()}{rng.randint(1, 99)}@mail.com",
@@ -172,7 +181,7 @@ def search_products(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
 TOOLS = (
     Tool("find_user_by_email", "Find a user id by email.", params({"email": STRING}), find_user_by_email,
          auth_key="user_id"),
-    Tool("find_user_by_name_zip", "Find a user id by name and zip code.",
+    Tool("find_user_by_name_zip", "Find a user id by name and zip.",
          params({"first_name": STRING, "last_name": STRING, "zip": STRING}), find_user_by_name_zip,
          auth_key="user_id"),
     Tool("get_user", "Get a user's name and order ids.", params({"user_id": STRING}), get_user),
@@ -181,10 +190,10 @@ TOOLS = (
     Tool("cancel_order", "Cancel a pending order.",
          params({"order_id": STRING, "reason": enum("no longer needed", "ordered by mistake")}), cancel_order,
          writes=True),
-    Tool("return_items", "Return delivered items of an order.",
+    Tool("return_items", "Return items of a delivered order.",
          params({"order_id": STRING, "item_ids": {"type": "array", "items": STRING, "minItems": 1}},
                 {"refund_method": enum("original", "gift_card")}), return_items, writes=True),
-    Tool("change_address", "Change the shipping address of a pending order.",
+    Tool("change_address", "Set a new address for a pending order.",
          params({"order_id": STRING, "address": STRING}), change_address, writes=True),
     Tool("search_products", "Search the catalog by keyword.",
          params({"query": STRING}, {"max_price": NUMBER}), search_products, public=True),
@@ -264,8 +273,8 @@ class RetailChat:
         if order_missing:
             dlg.say(dlg.pick(("Which order is it? Please give me the order id.", "Could you tell me the order id?",
                               "Sure, what is the order id?")),
-                    f"The user is authenticated as {dlg.authenticated} and wants to {goal}, but did not give the "
-                    "order id. I must ask for it instead of guessing.")
+                    f"The user is authenticated as {dlg.authenticated} and wants to {goal}, but named neither "
+                    "the order id nor an item to find it by. I must ask for the id instead of guessing.")
             dlg.user(dlg.pick(("It's {order}.", "{order}.", "The order id is {order}.", "Order {order}, thanks."),
                               order=order_id))
         return must_search
@@ -320,11 +329,31 @@ class RetailChat:
                              f"The user is authenticated as {self.dlg.authenticated} and asked about order "
                              f"{order_id}. I call get_order to {why}.")
 
-    def pick_order(self, wanted: tuple[str, ...], bias: float = 0.8) -> dict[str, Any]:
-        """An order of the customer: one with a status in `wanted` with probability `bias` when one exists."""
+    def pick_order(self, wanted: tuple[str, ...], bias: float = 0.85, returnable: bool = False) -> dict[str, Any]:
+        """An order of the customer: with probability `bias` one with a status in `wanted` (and
+        delivered at most 30 days ago if `returnable`) when one exists, else any order."""
         orders = [self.dlg.db["orders"][order_id] for order_id in self.user["orders"]]
-        fitting = [order for order in orders if order["status"] in wanted]
+        fitting = [order for order in orders if order["status"] in wanted
+                   and (not returnable or order.get("days_since_delivery", 0) <= RETURN_DAYS)]
         return self.rng.choice(fitting if fitting and self.rng.random() < bias else orders)
+
+    def request_order(self, first: bool, order: dict[str, Any], goal: str, with_id: tuple[str, ...],
+                      by_item: tuple[str, ...], without_id: tuple[str, ...],
+                      **slots: Any) -> tuple[str, dict[str, Any] | None]:
+        """The user's request about `order`, naming its id (60%), one of its items (25%) or neither
+        (15%, the assistant asks for the id); then authentication.  Returns the order id and, when
+        the order had to be found among the user's orders, its get_order view (else None: the
+        caller decides which tool reads it)."""
+        roll = self.rng.random()
+        templates = with_id if roll < 0.6 else by_item if roll < 0.85 else without_id
+        item = self.rng.choice(order["items"])
+        request = self.dlg.pick(templates, order=order["order_id"], item=item["name"], **slots)
+        searching = templates is by_item
+        self.open_request(first, request, goal, order["order_id"], can_search=searching)
+        if not searching:
+            return order["order_id"], None
+        current = self.search_orders([item], goal)
+        return current["order_id"], current
 
     def order_phrase(self, order_id: str, with_id: tuple[str, ...], without_id: tuple[str, ...], **slots: Any) -> str:
         """The request text: naming the order (75%) or leaving the id out for the assistant to ask."""
@@ -336,7 +365,7 @@ class RetailChat:
         """Propose a change, wait for yes/no, then call the write tool and report its result."""
         dlg = self.dlg
         dlg.say(proposal, confirm_reasoning)
-        if self.rng.random() < 0.85:
+        if self.rng.random() < 0.9:
             dlg.user(dlg.pick(YES), confirms=True)
             result = dlg.call(write[0], write[1], write_reasoning)
             text, reasoning = report(result)
@@ -354,13 +383,14 @@ class RetailChat:
         reason = self.rng.choice(("no longer needed", "ordered by mistake"))
         reason_text = {"no longer needed": self.rng.choice(("I don't need it anymore", "I no longer need it")),
                        "ordered by mistake": self.rng.choice(("I ordered it by mistake", "it was a mistake"))}[reason]
-        request = self.order_phrase(
-            order_id, ("I'd like to cancel order {order}, {why}.", "Please cancel my order {order}; {why}.",
-                       "Can you cancel {order}? {Why}."),
+        order_id, current = self.request_order(
+            first, order, "cancel an order",
+            ("I'd like to cancel order {order}, {why}.", "Please cancel my order {order}; {why}.",
+             "Can you cancel {order}? {Why}."),
+            ("Please cancel the order with the {item}; {why}.", "I want to cancel my {item} order, {why}."),
             ("I want to cancel an order, {why}.", "Please cancel my order, {why}."),
             why=reason_text, Why=reason_text[0].upper() + reason_text[1:])
-        self.open_request(first, request, "cancel an order", order_id)
-        current = self.look_up(order_id, "check that it is still pending")
+        current = current or self.look_up(order_id, "check that it is still pending")
         if current["status"] != "pending":
             dlg.say(dlg.pick(("Sorry, order {order} is {status}, so it can no longer be cancelled.",
                               "I can't cancel order {order}: it is already {status}. Only pending orders can be cancelled."),
@@ -370,7 +400,7 @@ class RetailChat:
             return
         total = money(current["total"])
         self.confirm_write(
-            dlg.pick(("Order {order} ({items}) is pending. Cancelling it refunds {total} to your original payment. "
+            dlg.pick(("Order {order} with {items} is pending. Cancelling it refunds {total} to your original payment. "
                       "Shall I go ahead?",
                       "I can cancel order {order} for the reason '{reason}'; you'd get {total} back. Do you confirm?"),
                      order=order_id, items=describe_items(current["items"]), total=total, reason=reason),
@@ -387,7 +417,7 @@ class RetailChat:
                      order=order_id))
 
     def return_(self, dlg: Dialogue, first: bool) -> None:
-        order = self.pick_order(("delivered",))
+        order = self.pick_order(("delivered",), returnable=True)
         order_id = order["order_id"]
         count = self.rng.randint(1, len(order["items"]))
         chosen = sorted(self.rng.sample(order["items"], count), key=lambda item: item["item_id"])
@@ -451,13 +481,13 @@ class RetailChat:
         order = self.pick_order(("pending",), bias=0.75)
         order_id = order["order_id"]
         address = random_address(self.rng)
-        request = self.order_phrase(
-            order_id, ("Please ship order {order} to {address} instead.",
-                       "Can you change the address of {order} to {address}?"),
+        order_id, current = self.request_order(
+            first, order, "change a shipping address",
+            ("Please ship order {order} to {address} instead.", "Can you change the address of {order} to {address}?"),
+            ("Please send the order with the {item} to {address}.", "Ship my {item} to {address} instead."),
             ("I moved; please send my order to {address}.", "I need my order delivered to {address}."),
             address=address)
-        self.open_request(first, request, "change a shipping address", order_id)
-        current = self.look_up(order_id, "check that it is pending")
+        current = current or self.look_up(order_id, "check that it is pending")
         if current["status"] != "pending":
             dlg.say(dlg.pick(("Sorry, order {order} is {status}, so its address can't be changed.",
                               "I can't change the address: order {order} is already {status}."),
@@ -482,12 +512,13 @@ class RetailChat:
     def status(self, dlg: Dialogue, first: bool) -> None:
         order = self.pick_order(("pending", "shipped", "delivered", "cancelled"))
         order_id = order["order_id"]
-        request = self.order_phrase(
-            order_id, ("What's the status of order {order}?", "Can you check on my order {order}?",
-                       "Has order {order} arrived yet?"),
+        order_id, current = self.request_order(
+            first, order, "know an order's status",
+            ("What's the status of order {order}?", "Can you check on my order {order}?",
+             "Has order {order} arrived yet?"),
+            ("What's the status of my {item} order?", "Has my {item} arrived yet?"),
             ("Can you check the status of my order?", "I'd like an update on an order."))
-        self.open_request(first, request, "know an order's status", order_id)
-        current = self.look_up(order_id, "read its status")
+        current = current or self.look_up(order_id, "read its status")
         if current["status"] == "shipped":
             # A shipped order's status answer gives its tracking, which takes a second read.
             tracking = dlg.call("track_order", {"order_id": order_id},
@@ -513,11 +544,19 @@ class RetailChat:
     def track(self, dlg: Dialogue, first: bool) -> None:
         order = self.pick_order(("shipped",), bias=0.75)
         order_id = order["order_id"]
-        request = self.order_phrase(
-            order_id, ("Where is my package for order {order}?", "Can I get tracking for {order}?",
-                       "When will order {order} arrive?"),
+        order_id, current = self.request_order(
+            first, order, "track a package",
+            ("Where is my package for order {order}?", "Can I get tracking for {order}?",
+             "When will order {order} arrive?"),
+            ("Where is my {item}? I need the tracking.", "Can I get tracking for the order with the {item}?"),
             ("Where is my package?", "Can I get the tracking number of my order?"))
-        self.open_request(first, request, "track a package", order_id)
+        if current is not None and current["status"] != "shipped":
+            dlg.say(dlg.pick(("Order {order} is not in transit: it is {status}.",
+                              "There's no tracking for order {order} because it is {status}."),
+                             order=order_id, status=current["status"]),
+                    f"get_order shows {order_id} is {current['status']}, not shipped, so there is no tracking "
+                    "and no need to call track_order. I tell the user the status.")
+            return
         result = dlg.call("track_order", {"order_id": order_id},
                           f"The user is authenticated as {dlg.authenticated} and wants tracking for {order_id}, "
                           "so I call track_order.")
@@ -609,7 +648,7 @@ def script(dlg: Dialogue) -> None:
     chat = RetailChat(dlg)
     openers = [(chat.cancel, 3), (chat.return_, 3), (chat.readdress, 1.5), (chat.status, 2), (chat.track, 1.5),
                (chat.list_orders, 1), (chat.latest, 1.5), (chat.search, 1)]
-    followups = openers + [(chat.refuse, 1)]
+    followups = openers + [(chat.refuse, 0.7)]
     converse(dlg, openers, followups)
 
 

@@ -38,7 +38,7 @@ def make_db(rng: random.Random) -> Db:
     account = {
         "account_id": account_id, "first_name": rng.choice(FIRST_NAMES), "last_name": rng.choice(LAST_NAMES),
         "phone": f"555-{rng.randint(1000, 9999)}", "pin": f"{rng.randint(0, 9999):04d}", "plan": plan,
-        "amount_due": due, "due_in_days": rng.randint(1, 20), "previous_bill": round(PLANS[plan][0] + rng.choice((0, 3.5, 9.0)), 2),
+        "amount_due": due, "due_in_days": rng.randint(2, 20), "previous_bill": round(PLANS[plan][0] + rng.choice((0, 3.5, 9.0)), 2),
         "data_left_gb": 0.0 if plan == "unlimited" else round(rng.uniform(0, 4), 1), "line": "active",
         "zip": f"{rng.randint(10000, 99999)}",
     }
@@ -194,7 +194,7 @@ class TelecomChat:
                       write_reasoning: str, report: Any, declined: str) -> None:
         dlg = self.dlg
         dlg.say(proposal, confirm_reasoning)
-        if self.rng.random() < 0.85:
+        if self.rng.random() < 0.9:
             dlg.user(dlg.pick(YES), confirms=True)
             result = dlg.call(write[0], write[1], write_reasoning)
             text, reasoning = report(result)

@@ -162,7 +162,10 @@ class Domain:
 
 
 class PolicyViolation(RuntimeError):
-    """A scenario scripted an action the domain policy forbids (a generator bug)."""
+    """A scenario scripted an action the domain policy forbids, or bad reasoning (a generator bug)."""
+
+
+MAX_REASONING_WORDS = 80  # the cold-start reasoning limit of the issue (strictly fewer words)
 
 
 @dataclass
@@ -189,12 +192,14 @@ class Dialogue:
 
     def say(self, text: str, reasoning: str) -> None:
         """An assistant answer."""
+        self._check_reasoning(reasoning, None)
         self.entries.append({"from": "gpt", "value": text, "reasoning": reasoning})
         self._confirmed = False
 
     def call(self, name: str, arguments: dict[str, Any], reasoning: str) -> ToolResult:
         """Call a tool: check the policy, execute it on the database, record call and observation."""
         tool = self.domain.tool(name)
+        self._check_reasoning(reasoning, name)
         problems = validate(tool.parameters, arguments)
         if problems:
             raise PolicyViolation(f"{self.domain.name}.{name}: invalid arguments: {problems}")
@@ -207,9 +212,16 @@ class Dialogue:
             self.authenticated = str(result[tool.auth_key])
         self.entries.append({"from": "function_call", "value": json.dumps({"name": name, "arguments": arguments}),
                              "reasoning": reasoning})
-        self.entries.append({"from": "observation", "value": json.dumps(result)})
+        # Compact separators: observations are the bulk of a context, and a tiny model's context is short.
+        self.entries.append({"from": "observation", "value": json.dumps(result, separators=(",", ":"))})
         self._confirmed = False
         return result
+
+    def _check_reasoning(self, reasoning: str, tool_name: str | None) -> None:
+        if len(reasoning.split()) >= MAX_REASONING_WORDS:
+            raise PolicyViolation(f"reasoning has {len(reasoning.split())} words (limit {MAX_REASONING_WORDS}): {reasoning!r}")
+        if tool_name is not None and tool_name not in reasoning:
+            raise PolicyViolation(f"reasoning for a {tool_name} call does not name the tool: {reasoning!r}")
 
     # -- helpers for scenarios
 
@@ -251,7 +263,7 @@ Intent = Callable[[Dialogue, bool], None]  # (dialogue, is_first_request) -> wri
 
 
 def converse(dlg: Dialogue, openers: list[tuple[Intent, float]], followups: list[tuple[Intent, float]],
-             *, more: float = 0.45, soft_limit: int = 6) -> None:
+             *, more: float = 0.35, soft_limit: int = 6) -> None:
     """One conversation: an opening request, then follow-up requests, then maybe a goodbye.
 
     Follow-ups are added while the conversation has fewer than 3 assistant actions, and after that
