@@ -1,0 +1,496 @@
+"""Per-turn evaluation: decode every test turn once, score it, and print the paper's table.
+
+    python -m eval.run --checkpoint sft=runs/default/sft-base --checkpoint rl=runs/default/grpo \\
+        --data synthetic:test --data synthetic:ood_test --out runs/eval
+    python -m eval.run --checkpoint base --model Qwen/Qwen3-1.7B \\
+        --data ../shared/data/tau-bench-airline/ --limit 200 --out runs/eval-tau
+    python -m eval.run --checkpoint untrained=base,rl=runs/grpo --model runs/default/base-tiny --data synthetic:test
+
+`--checkpoint NAME=PATH` may be repeated, list several pairs after one flag, or join them with
+commas (so may `--data`; paths must not contain commas).  PATH is a checkpoint written by
+`grpo.policy.save_policy` (its lineage of adapters is merged into the base), a run directory (its
+newest checkpoint), a plain model directory or hub name, or the word `base`, which stands for
+`--model` (a model with no training).  `--checkpoint base` alone means `base=base`.
+
+For every checkpoint and every split, each test turn (one `data.Sample`: the gold history up to an
+assistant action) is rendered as a generation prompt, decoded once with the project's own sampler
+(`grpo.rollout.generate`; greedy unless --no-greedy), parsed and scored with `rewards`, and the
+turns are aggregated into the table of `eval.metrics` (DESIGN.md, "Evaluation: the paper's table").
+
+Writes into --out:
+    results.json                         every number per split and checkpoint, plus the config
+    results.md                           the table, one row per checkpoint, one table per split
+    predictions-<checkpoint>-<split>.jsonl   every prediction with its target, parse and reward
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from eval.metrics import TurnRecord, aggregate, format_table
+from grpo.config import config_to_dict, field, parse_config
+
+# Flags whose values accumulate: repeated, several values after one flag, or comma-separated.
+LIST_FLAGS: tuple[str, ...] = ("--checkpoint", "--data")
+BASE_KEYWORD = "base"
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Every knob of an evaluation run (one flag each; see the module docstring for examples)."""
+
+    checkpoint: str = field("", "NAME=PATH pairs to evaluate (repeat the flag or separate with commas); "
+                                "PATH 'base' means --model")
+    model: str | None = field(None, "the plain model evaluated for PATH 'base': hub name or directory")
+    data: str = field("synthetic:test", "test sets: paths or synthetic:<split> (repeat the flag or use commas)")
+    data_format: str | None = field(None, "force the data format: apigen, tau or almita")
+    limit: int = field(0, "evaluate at most N turns per split, a seeded random subset in data order (0: all)")
+    out: str = field("runs/eval", "output directory")
+    seed: int = field(0, "seed of the synthetic data, the --limit subset and sampling")
+    batch_size: int = field(16, "prompts decoded together (grouped by similar prompt length)")
+    max_new_tokens: int = field(128, "completion token limit")
+    max_prompt_length: int = field(1024, "prompt token limit; older turns are dropped beyond it, and a prompt "
+                                         "that does not fit even then is skipped (and counted)")
+    greedy: bool = field(True, "greedy decoding (--no-greedy samples with --temperature/--top-p/--top-k)")
+    temperature: float = field(1.0, "sampling temperature (--no-greedy)")
+    top_p: float = field(1.0, "nucleus sampling threshold (--no-greedy)")
+    top_k: int = field(0, "top-k sampling, 0 off (--no-greedy)")
+    similarity: str = field("default", "answer similarity: default (all-MiniLM-L6-v2), a model name/path, or lexical")
+    length_reward: bool = field(True, "include the thinking-length reward in the reported total")
+    device: str = field("auto", "cpu, cuda, cuda:N or auto")
+    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    threads: int = field(0, "CPU threads for torch (0: torch's default)")
+    trust_remote_code: bool = field(False, "allow model repositories to run their own code")
+    progress: bool = field(True, "show a progress bar")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: NAME=PATH pairs and split names
+# ---------------------------------------------------------------------------------------------
+
+
+def gather_list_flags(argv: Sequence[str], flags: Sequence[str] = LIST_FLAGS) -> list[str]:
+    """Rewrite repeated / multi-valued list flags as one comma-separated flag each.
+
+    ["--data", "a", "b", "--data=c", "--limit", "3"] -> ["--limit", "3", "--data", "a,b,c"].
+    A list flag takes every following argument up to the next one starting with "--".
+    """
+    gathered: dict[str, list[str]] = {}
+    rest: list[str] = []
+    index = 0
+    while index < len(argv):
+        argument = argv[index]
+        flag, equals, inline = argument.partition("=")
+        if flag in flags:
+            values = gathered.setdefault(flag, [])
+            if equals:
+                values.append(inline)
+            index += 1
+            while index < len(argv) and not argv[index].startswith("--"):
+                values.append(argv[index])
+                index += 1
+            if not equals and not values:
+                rest.append(flag)  # let argparse report the missing value
+            continue
+        rest.append(argument)
+        index += 1
+    for flag, values in gathered.items():
+        if values:
+            rest += [flag, ",".join(values)]
+    return rest
+
+
+def split_list(text: str) -> list[str]:
+    """Comma-separated items, stripped, empty ones dropped."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def parse_checkpoints(text: str, model: str | None) -> dict[str, str]:
+    """{name: path} from "NAME=PATH,NAME=PATH" (PATH 'base' -> --model; a lone 'base' is base=base).
+
+    With no pairs and a --model, the model alone is evaluated as "base".
+    """
+    pairs: dict[str, str] = {}
+    for item in split_list(text):
+        name, equals, path = item.partition("=")
+        name, path = name.strip(), path.strip()
+        if not equals:
+            if name != BASE_KEYWORD:
+                raise ValueError(f"--checkpoint {item!r}: expected NAME=PATH (or 'base' together with --model)")
+            path = BASE_KEYWORD
+        if not name or not path:
+            raise ValueError(f"--checkpoint {item!r}: both NAME and PATH are needed")
+        if name in pairs:
+            raise ValueError(f"--checkpoint: the name {name!r} is given twice")
+        if path == BASE_KEYWORD:
+            if not model:
+                raise ValueError(f"--checkpoint {item!r}: PATH 'base' means the --model, but no --model was given")
+            path = model
+        pairs[name] = path
+    if not pairs:
+        if not model:
+            raise ValueError("nothing to evaluate: give --checkpoint NAME=PATH (repeatable) or --model M")
+        pairs[BASE_KEYWORD] = model
+    return pairs
+
+
+def split_names(specs: Sequence[str]) -> dict[str, str]:
+    """{short name: spec}: synthetic:test -> "test", a path -> its file or folder name without suffix."""
+    names: dict[str, str] = {}
+    for spec in specs:
+        if spec.startswith("synthetic:"):
+            name = spec.split(":", 1)[1]
+        else:
+            path = Path(spec.rstrip("/"))
+            name = path.stem if path.suffix else path.name
+        name = safe_name(name) or "data"
+        unique, count = name, 1
+        while unique in names:
+            count += 1
+            unique = f"{name}-{count}"
+        names[unique] = spec
+    return names
+
+
+def safe_name(text: str) -> str:
+    """`text` with everything but letters, digits, '.', '_' and '-' replaced by '_' (for file names)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")
+
+
+def predictions_path(out: Path, checkpoint: str, split: str) -> Path:
+    return out / f"predictions-{safe_name(checkpoint)}-{safe_name(split)}.jsonl"
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------
+
+
+def load_samples(spec: str, *, seed: int, limit: int, data_format: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+    """The test turns of one data source, and what loading them found.
+
+    With `limit` > 0, a random subset of `limit` turns (seeded, so every checkpoint sees the same
+    turns) is kept in data order: the first N turns would cover only the first few conversations.
+    """
+    from data import load_dataset, make_samples
+
+    conversations, stats = load_dataset(spec, seed=seed, format=data_format)
+    samples = make_samples(conversations)
+    info: dict[str, Any] = {"spec": spec, "conversations": len(conversations), "turns_available": len(samples)}
+    as_dict = getattr(stats, "as_dict", None)
+    if callable(as_dict):
+        info["load_stats"] = as_dict()
+    if limit and limit < len(samples):
+        kept = sorted(random.Random(seed).sample(range(len(samples)), limit))
+        samples = [samples[index] for index in kept]
+    info["turns"] = len(samples)
+    return samples, info
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation of one policy on one list of samples
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PromptJob:
+    """One test turn ready to decode."""
+
+    index: int  # position in the evaluated sample list
+    prompt_ids: list[int]
+    dropped_turns: int
+
+
+def length_sorted_batches(jobs: Sequence[PromptJob], batch_size: int) -> list[list[PromptJob]]:
+    """Batches of prompts of similar length (longest first, so memory problems show up at once).
+
+    Left padding costs compute proportional to the length spread inside a batch; sorting keeps
+    the spread small.  Every job appears in exactly one batch.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    ordered = sorted(jobs, key=lambda job: (-len(job.prompt_ids), job.index))
+    return [list(ordered[start:start + batch_size]) for start in range(0, len(ordered), batch_size)]
+
+
+def turn_record(parsed: Any, target: dict[str, Any], result: Any) -> TurnRecord:
+    """The table's view of one scored completion (`parsed` from rewards.parse, `result` a RewardResult)."""
+    call = parsed.call if parsed.kind == "tool_call" else None
+    components = dict(result.components)
+    similarity = components.get("similarity") if parsed.kind == target["kind"] == "answer" else None
+    return TurnRecord(
+        gold_kind=target["kind"],
+        pred_kind=parsed.kind,
+        gold_name=target.get("name") if target["kind"] == "tool_call" else None,
+        pred_name=call["name"] if call else None,
+        gold_arguments=target.get("arguments") if target["kind"] == "tool_call" else None,
+        pred_arguments=call["arguments"] if call else None,
+        similarity=similarity,
+        reward=result.total,
+        components=components,
+        think_words=parsed.think_words,
+        success=result.success,
+    )
+
+
+def evaluate(
+    policy: Any,
+    samples: Sequence[Any],
+    *,
+    batch_size: int = 16,
+    max_new_tokens: int = 128,
+    similarity: Any = None,
+    reward_config: Any = None,
+    max_prompt_length: int | None = 1024,
+    greedy: bool = True,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int = 0,
+    progress: bool | str = True,
+    log: Callable[[str], None] = print,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Decode each sample's action once, score it, and aggregate the table.
+
+    policy: anything with `.model` (a causal LM, possibly a PeftModel) and `.tokenizer`.
+    similarity: a callable (predictions, golds) -> scores or a backend name (see rewards).
+    Prompts that do not fit `max_prompt_length` even after dropping history are skipped, counted
+    in metrics["counts"]["skipped_too_long"] and the first few logged; they are not in the table.
+
+    Returns (metrics, predictions): metrics as `eval.metrics.aggregate` plus generation counts and
+    timings; one prediction dict per decoded sample, in sample order, holding the TurnRecord
+    fields plus the conversation id, turn index, completion text, target, token counts and
+    format problems.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    import rewards
+    from data.render import ContextTooLong, render_prompt, stop_sequences, stop_token_ids
+    from grpo.rollout import SamplingConfig, generate
+    from grpo.trainer import decode_completions
+
+    began = time.perf_counter()
+    tokenizer = policy.tokenizer
+    reward_config = reward_config or rewards.RewardConfig()
+    stops = stop_token_ids(tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+
+    jobs, skipped, shortened = [], 0, 0
+    for index, sample in enumerate(samples):
+        try:
+            rendered = render_prompt(sample, tokenizer, max_length=max_prompt_length)
+        except ContextTooLong as error:
+            skipped += 1
+            if skipped <= 3:
+                log(f"skipped (prompt too long): {error}")
+            continue
+        shortened += rendered.dropped_turns > 0
+        jobs.append(PromptJob(index=index, prompt_ids=list(rendered.input_ids), dropped_turns=rendered.dropped_turns))
+    if skipped > 3:
+        log(f"skipped {skipped} of {len(samples)} turns in all: prompt longer than {max_prompt_length} tokens")
+
+    sampling = SamplingConfig(group_size=1, max_new_tokens=max_new_tokens, greedy=greedy, temperature=temperature,
+                              top_p=top_p, top_k=top_k)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    decoded: dict[int, dict[str, Any]] = {}
+    batches = length_sorted_batches(jobs, batch_size)
+    bar = tqdm(total=len(jobs), desc=progress if isinstance(progress, str) else "eval", disable=not progress,
+               dynamic_ncols=True, unit="turn")
+    generated_tokens, generation_time = 0, 0.0
+    for batch in batches:  # generate() runs the model in eval mode under inference_mode
+        batch_began = time.perf_counter()
+        rollout, _ = generate(
+            policy.model, [job.prompt_ids for job in batch], sampling, pad_token_id=pad_id,
+            stop_token_ids=stops, stop_sequences=stop_sequences(tokenizer), generator=generator,
+        )
+        generation_time += time.perf_counter() - batch_began
+        completion_ids = rollout.completion_ids[:, 0]  # [b, T]: one completion per prompt
+        completion_mask = rollout.completion_mask[:, 0]  # [b, T]
+        texts = decode_completions(tokenizer, completion_ids, completion_mask, set(stops))
+        lengths = completion_mask.sum(-1).tolist()
+        finished = rollout.finished[:, 0].tolist()
+        generated_tokens += int(sum(lengths))
+        for job, text, length, done in zip(batch, texts, lengths, finished):
+            decoded[job.index] = {"completion": text, "completion_tokens": int(length), "finished": bool(done),
+                                  "prompt_tokens": len(job.prompt_ids), "dropped_turns": job.dropped_turns}
+        bar.update(len(batch))
+    bar.close()
+
+    # Score everything at once: one call to the similarity model for the whole split.
+    order = sorted(decoded)
+    texts = [decoded[index]["completion"] for index in order]
+    targets = [samples[index].target for index in order]
+    results = rewards.score_batch(texts, targets, config=reward_config, similarity=similarity)
+    predictions, records = [], []
+    for index, text, target, result in zip(order, texts, targets, results):
+        parsed = rewards.parse(text)
+        record = turn_record(parsed, target, result)
+        records.append(record)
+        sample = samples[index]
+        predictions.append({
+            "conversation_id": sample.conversation_id, "turn_index": sample.turn_index,
+            **decoded[index], "target": target, **record.to_dict(), "problems": list(result.problems),
+        })
+
+    metrics = aggregate(records)
+    unfinished = sum(not decoded[index]["finished"] for index in order)
+    metrics["counts"].update({
+        "samples": len(samples), "skipped_too_long": skipped, "shortened_prompts": shortened,
+        "unfinished": unfinished, "generated_tokens": generated_tokens,
+    })
+    metrics["truncated_share"] = unfinished / len(order) if order else None
+    metrics["completion_tokens_mean"] = generated_tokens / len(order) if order else None
+    metrics["time_s"] = time.perf_counter() - began
+    metrics["tokens_per_s"] = generated_tokens / generation_time if generation_time > 0 else None
+    return metrics, predictions
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole run
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_model_path(path: str) -> tuple[str, str]:
+    """("init" | "base", location) for a --checkpoint PATH.
+
+    A directory with lineage.json is a policy checkpoint; a run directory (with checkpoints/)
+    stands for its newest checkpoint; any other directory, or a hub name, is a plain model.
+    """
+    from grpo.checkpoint import latest_checkpoint
+    from grpo.policy import LINEAGE_FILE
+
+    location = Path(path).expanduser()
+    if (location / LINEAGE_FILE).is_file():
+        return "init", str(location)
+    if (location / "checkpoints").is_dir():
+        newest = latest_checkpoint(location)
+        if newest is None:
+            raise FileNotFoundError(f"--checkpoint {path}: a run directory without a complete checkpoint")
+        return "init", str(newest)
+    if location.is_dir():
+        if not (location / "config.json").is_file():
+            raise FileNotFoundError(f"--checkpoint {path}: neither a checkpoint (lineage.json), a run directory "
+                                    f"(checkpoints/) nor a model directory (config.json)")
+        return "base", str(location)
+    if path.startswith(("/", ".", "~")) or location.suffix:
+        raise FileNotFoundError(f"--checkpoint {path}: no such directory")
+    return "base", path  # a hub name
+
+
+def load_for_eval(resolved: tuple[str, str], config: EvalConfig) -> Any:
+    """A Policy without a fresh adapter (lora=None) from `resolve_model_path`'s answer: a
+    checkpoint's lineage merged into its base, or a plain model."""
+    from grpo.policy import load_policy
+    from grpo.runtime import resolve_device, resolve_dtype
+
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    kind, location = resolved
+    arguments = {"init": location} if kind == "init" else {"base": location}
+    policy = load_policy(**arguments, lora=None, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+    policy.model.requires_grad_(False)  # lora=None makes every weight trainable; evaluation needs none
+    return policy
+
+
+def results_markdown(results: dict[str, dict[str, dict[str, Any]]], splits: dict[str, dict[str, Any]]) -> str:
+    """results.md: one table per split, one row per checkpoint, with the number of turns behind it."""
+    parts = ["# Evaluation: the paper's per-turn table", ""]
+    for split, rows in results.items():
+        spec = splits.get(split, {}).get("spec", split)
+        parts.append(format_table(rows, title=f"{split} ({spec})"))
+        skipped = {name: row["counts"].get("skipped_too_long", 0) for name, row in rows.items()}
+        if any(skipped.values()):
+            parts.append("Skipped as too long: " + ", ".join(f"{name} {count}" for name, count in skipped.items()) + "\n")
+    parts.append("P/R = precision/recall of the action kind; name acc. and param. match are over gold tool turns "
+                 "(param. match: of those with the right name, exact arguments); similarity over gold answers "
+                 "predicted as answers; '-' = no turn to measure.\n")
+    return "\n".join(parts)
+
+
+def run_eval(config: EvalConfig) -> dict[str, Any]:
+    """Evaluate every checkpoint on every split, write the outputs, print the table; returns results.json's dict."""
+    import torch
+
+    import rewards
+
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    try:
+        checkpoints = parse_checkpoints(config.checkpoint, config.model)
+        # Every path is checked before the first (possibly long) evaluation starts.
+        locations = {name: resolve_model_path(path) for name, path in checkpoints.items()}
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"eval.run: {error}") from None
+    specs = split_list(config.data)
+    if not specs:
+        raise SystemExit("--data: no test set given")
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    reward_config = rewards.RewardConfig(use_length=config.length_reward, similarity=config.similarity)
+    similarity = rewards.get_similarity(config.similarity, lexical_ok=config.similarity == "lexical")
+
+    splits: dict[str, dict[str, Any]] = {}
+    samples_of: dict[str, list[Any]] = {}
+    for split, spec in split_names(specs).items():
+        try:
+            samples_of[split], splits[split] = load_samples(spec, seed=config.seed, limit=config.limit,
+                                                           data_format=config.data_format)
+        except (ValueError, OSError) as error:  # data.DataError is a ValueError naming the bad row
+            raise SystemExit(f"eval.run: --data {spec}: {error}") from None
+        print(f"[eval] {split}: {splits[split]['turns']} turns from {splits[split]['conversations']} conversations ({spec})")
+
+    results: dict[str, dict[str, dict[str, Any]]] = {split: {} for split in splits}
+    for name in checkpoints:
+        began = time.perf_counter()
+        policy = load_for_eval(locations[name], config)
+        print(f"[eval] {name}: loaded {locations[name][1]} in {time.perf_counter() - began:.1f}s")
+        for split, samples in samples_of.items():
+            metrics, predictions = evaluate(
+                policy, samples, batch_size=config.batch_size, max_new_tokens=config.max_new_tokens,
+                similarity=similarity, reward_config=reward_config, max_prompt_length=config.max_prompt_length,
+                greedy=config.greedy, temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                seed=config.seed, progress=f"{name} {split}" if config.progress else False,
+                log=lambda message: print(f"[eval] {name} {split}: {message}"),
+            )
+            results[split][name] = metrics
+            with predictions_path(out, name, split).open("w") as handle:
+                for prediction in predictions:
+                    handle.write(json.dumps({"checkpoint": name, "split": split, **prediction},
+                                            ensure_ascii=False, default=_json_default) + "\n")
+        del policy  # free this model before the next one is loaded
+
+    summary = {
+        "config": config_to_dict(config),
+        "checkpoints": checkpoints,
+        "loaded": {name: {"as": kind, "location": location} for name, (kind, location) in locations.items()},
+        "splits": splits,
+        "results": results,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n")
+    table = results_markdown(results, splits)
+    (out / "results.md").write_text(table)
+    print(table)
+    return summary
+
+
+def _json_default(value: Any) -> Any:
+    """Values JSON does not know (e.g. a Path in a target's arguments) are written as text."""
+    return str(value)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    arguments = gather_list_flags(sys.argv[1:] if argv is None else list(argv))
+    config = parse_config(EvalConfig, arguments, description=__doc__)
+    run_eval(config)
+
+
+if __name__ == "__main__":
+    main()
