@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -177,6 +178,61 @@ def prompt_text(tokenizer: Any, system: str, tools: list[dict[str, Any]], histor
 
 
 # ---------------------------------------------------------------------------------------------
+# Encoding
+
+# tokenizer -> (its size when cached, {message block text: ids}).  Weak keys: a tokenizer that is
+# garbage-collected takes its cache with it (an id()-keyed cache could hand a new tokenizer another
+# one's ids); the size check drops the cache when tokens are added to the tokenizer.
+_BLOCK_CACHE: "weakref.WeakKeyDictionary[Any, tuple[int, dict[str, list[int]] | None]]" = weakref.WeakKeyDictionary()
+_BLOCK_CACHE_SIZE = 20_000
+
+
+def _block_cache(tokenizer: Any) -> dict[str, list[int]] | None:
+    """The block cache of this tokenizer, or None when block-wise encoding would not be exact."""
+    try:
+        size = len(tokenizer)
+        if tokenizer not in _BLOCK_CACHE or _BLOCK_CACHE[tokenizer][0] != size:
+            _BLOCK_CACHE[tokenizer] = (size, {} if _im_end_is_atomic(tokenizer) else None)
+        return _BLOCK_CACHE[tokenizer][1]
+    except TypeError:  # an unhashable, unsized or non-weakref-able tokenizer: no cache
+        return None
+
+
+def _im_end_is_atomic(tokenizer: Any) -> bool:
+    """True when `<|im_end|>` is an added token that does not strip the whitespace around it."""
+    for token in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if str(token) == IM_END:
+            return not getattr(token, "lstrip", False) and not getattr(token, "rstrip", False)
+    return False
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """`tokenizer.encode(text, add_special_tokens=False)`, computed block by block with a cache.
+
+    A tokenizer splits its text at added tokens before anything else, so when `<|im_end|>` is
+    one (and strips no whitespace), encoding the pieces that end with it one at a time and
+    concatenating gives exactly the same ids.  Every sample of a dataset repeats the same system
+    and tools block, and each sample of a conversation repeats the history of the one before, so
+    caching the pieces makes rendering a dataset linear instead of quadratic in conversation length.
+    """
+    cache = _block_cache(tokenizer)
+    if cache is None:
+        return tokenizer.encode(text, add_special_tokens=False)
+    ids: list[int] = []
+    pieces = text.split(IM_END)
+    for index, piece in enumerate(pieces):
+        block = piece + IM_END if index < len(pieces) - 1 else piece
+        if not block:
+            continue
+        if block not in cache:
+            if len(cache) >= _BLOCK_CACHE_SIZE:
+                cache.clear()
+            cache[block] = tokenizer.encode(block, add_special_tokens=False)
+        ids += cache[block]
+    return ids
+
+
+# ---------------------------------------------------------------------------------------------
 # Truncation
 
 
@@ -204,7 +260,7 @@ def history_cuts(history: list[Turn]) -> list[list[int]]:
 def _prompt_ids(tokenizer: Any, sample: Sample, kept: list[int]) -> list[int]:
     history = [sample.context[index] for index in kept]
     text = prompt_text(tokenizer, sample.system, sample.tools, history, sample.conversation_id)
-    return tokenizer.encode(text, add_special_tokens=False)
+    return encode_text(tokenizer, text)
 
 
 def _fitting_prompt(sample: Sample, tokenizer: Any, max_length: int | None, budget: int) -> tuple[list[int], int]:

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from data.format import IM_END, SPECIAL_TOKENS, STOP_STRINGS, format_completion
 from data.render import (
-    ContextTooLong, chatml_prompt, completion_ids, end_of_turn_id, history_cuts, render, render_prompt,
+    ContextTooLong, chatml_prompt, completion_ids, encode_text, end_of_turn_id, history_cuts, render, render_prompt,
     stop_sequences, stop_token_ids,
 )
 from data.samples import conversation_samples
@@ -127,6 +127,26 @@ def test_render_properties_on_random_conversations(tiny_tokenizer, user_texts, a
     conversation = Conversation("random", "sys", TOOLS, turns)
     for sample in conversation_samples(conversation):
         check_rendering(sample, tiny_tokenizer, render(sample, tiny_tokenizer))
+
+
+# --- block-wise cached encoding ----------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(pieces=st.lists(st.one_of(st.text(max_size=30), st.sampled_from(SPECIAL_TOKENS + ("\n", " "))), max_size=12))
+def test_block_encoding_equals_plain_encoding(tiny_tokenizer, pieces):
+    text = "".join(pieces)
+    assert encode_text(tiny_tokenizer, text) == tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert encode_text(tiny_tokenizer, text) == tiny_tokenizer.encode(text, add_special_tokens=False)  # from cache
+
+
+def test_block_cache_follows_added_tokens():
+    tokenizer = train_tokenizer(list(tokenizer_corpus([CONVERSATION])), vocab_size=300)
+    text = "Where is my order?<|im_end|>\n<|im_start|>user\nWhere is my order?<|im_end|>"
+    before = encode_text(tokenizer, text)
+    assert tokenizer.add_tokens(["re is my or"]) == 1
+    after = encode_text(tokenizer, text)
+    assert after != before and after == tokenizer.encode(text, add_special_tokens=False)
 
 
 # --- truncation ---------------------------------------------------------------------------------
@@ -289,6 +309,14 @@ def test_qwen3_template_with_tools(qwen3, turn_index):
     last["reasoning_content"] = sample.reasoning or ""
     whole = qwen3.apply_chat_template(qwen3_messages(sample) + [last], tools=TOOLS, tokenize=False)
     assert whole == qwen3.decode(rendered.input_ids) + "\n"
+
+
+def test_qwen3_block_encoding(qwen3):
+    prompt = render_prompt(sample_at(11), qwen3)
+    text = qwen3.decode(prompt.input_ids)
+    assert prompt.input_ids == qwen3.encode(text, add_special_tokens=False)
+    odd = "  x<|im_end|>\n\n<|im_start|>  é😀<|im_end|><|im_end|>tail \n"
+    assert encode_text(qwen3, odd) == qwen3.encode(odd, add_special_tokens=False)
 
 
 def test_qwen3_special_ids(qwen3):
