@@ -3,11 +3,12 @@
     python -m eval.run --checkpoint sft=runs/default/sft-base --checkpoint rl=runs/default/grpo \\
         --data synthetic:test --data synthetic:ood_test --out runs/eval
     python -m eval.run --checkpoint base --model Qwen/Qwen3-1.7B \\
-        --data ../shared/data/tau-bench-airline/ --limit 200 --out runs/eval-tau
+        --data tau-airline=../shared/data/tau-bench-airline/trajectories.json --limit 200 --out runs/eval-tau
     python -m eval.run --checkpoint untrained=base,rl=runs/grpo --model runs/default/base-tiny --data synthetic:test
 
 `--checkpoint NAME=PATH` may be repeated, list several pairs after one flag, or join them with
-commas (so may `--data`; paths must not contain commas).  PATH is a checkpoint written by
+commas (so may `--data`, whose items may be named too, `--data tau=PATH`; paths must not contain
+commas).  PATH is a checkpoint written by
 `grpo.policy.save_policy` (its lineage of adapters is merged into the base), a run directory (its
 newest checkpoint), a plain model directory or hub name, or the word `base`, which stands for
 `--model` (a model with no training).  `--checkpoint base` alone means `base=base`.
@@ -49,7 +50,8 @@ class EvalConfig:
     checkpoint: str = field("", "NAME=PATH pairs to evaluate (repeat the flag or separate with commas); "
                                 "PATH 'base' means --model")
     model: str | None = field(None, "the plain model evaluated for PATH 'base': hub name or directory")
-    data: str = field("synthetic:test", "test sets: paths or synthetic:<split> (repeat the flag or use commas)")
+    data: str = field("synthetic:test", "test sets: paths or synthetic:<split>, optionally NAME=SPEC (repeat the "
+                                        "flag or use commas)")
     data_format: str | None = field(None, "force the data format: apigen, tau or almita")
     limit: int = field(0, "evaluate at most N turns per split, a seeded random subset in data order (0: all)")
     out: str = field("runs/eval", "output directory")
@@ -142,14 +144,19 @@ def parse_checkpoints(text: str, model: str | None) -> dict[str, str]:
 
 
 def split_names(specs: Sequence[str]) -> dict[str, str]:
-    """{short name: spec}: synthetic:test -> "test", a path -> its file or folder name without suffix."""
+    """{split name: spec}.  "NAME=SPEC" names a split; otherwise synthetic:test -> "test" and a path
+    -> its file (or folder) name without suffix.  Repeated names get "-2", "-3", ...
+    """
     names: dict[str, str] = {}
-    for spec in specs:
-        if spec.startswith("synthetic:"):
-            name = spec.split(":", 1)[1]
+    for item in specs:
+        given, equals, rest = item.partition("=")
+        if equals and given and safe_name(given) == given:
+            name, spec = given, rest
+        elif item.startswith("synthetic:"):
+            name, spec = item.split(":", 1)[1], item
         else:
-            path = Path(spec.rstrip("/"))
-            name = path.stem if path.suffix else path.name
+            path = Path(item.rstrip("/"))
+            name, spec = (path.stem if path.suffix else path.name), item
         name = safe_name(name) or "data"
         unique, count = name, 1
         while unique in names:
