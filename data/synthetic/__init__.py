@@ -28,10 +28,11 @@ cold-start entries may carry an extra `"reasoning"`.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from data.synthetic.airline import AIRLINE
 from data.synthetic.retail import RETAIL
@@ -54,6 +55,10 @@ def generate_conversation(domain: Domain, rng: random.Random) -> list[dict[str, 
     return dialogue.entries
 
 
+def _action_count(entries: list[dict[str, Any]]) -> int:
+    return sum(entry["from"] in ("gpt", "function_call") for entry in entries)
+
+
 def _content_key(entries: list[dict[str, Any]]) -> str:
     return json.dumps([[entry["from"], entry["value"]] for entry in entries])
 
@@ -70,30 +75,50 @@ def _strip_reasoning(entries: list[dict[str, Any]], keep: int) -> list[dict[str,
     return stripped
 
 
-def _split_rows(seed: int, split: str, domains: tuple[Domain, ...], count: int, seen: set[str],
-                reasoning_budget: int = 0) -> list[dict[str, Any]]:
-    """`count` conversations of one split (or, when `reasoning_budget` > 0, as many as that budget of
-    reasoning-annotated actions covers), skipping any whose content is already in `seen`."""
-    rows: list[dict[str, Any]] = []
-    index = 0
-    while (len(rows) < count) if not reasoning_budget else (reasoning_budget > 0):
+def _new_conversations(seed: int, split: str, domains: tuple[Domain, ...],
+                       seen: set[str]) -> Iterator[tuple[int, Domain, list[dict[str, Any]]]]:
+    """An endless stream of (index, domain, entries) for one split.
+
+    Conversation `index` comes from the first attempt whose random stream
+    `Random(f"{seed}/{split}/{index}/{attempt}")` gives 3-10 assistant actions and a conversation not
+    in `seen` (the contents of earlier splits and of this one), which it joins.
+    """
+    for index in itertools.count():
         for attempt in range(MAX_ATTEMPTS):
             rng = random.Random(f"{seed}/{split}/{index}/{attempt}")
             domain = rng.choice(domains)
             entries = generate_conversation(domain, rng)
-            actions = sum(entry["from"] in ("gpt", "function_call") for entry in entries)
             key = _content_key(entries)
-            if MIN_ACTIONS <= actions <= MAX_ACTIONS and key not in seen:
+            if MIN_ACTIONS <= _action_count(entries) <= MAX_ACTIONS and key not in seen:
                 break
         else:
-            raise RuntimeError(f"split {split!r} conversation {index}: no valid new conversation in "
+            raise RuntimeError(f"split {split!r} conversation {index}: no new valid conversation in "
                                f"{MAX_ATTEMPTS} attempts")
         seen.add(key)
-        keep = min(actions, reasoning_budget)
-        reasoning_budget -= keep
-        rows.append({"id": f"{domain.name}-{split}-{index:05d}", "domain": domain.name, "system": domain.policy,
-                     "tools": domain.tools_json(), "conversations": _strip_reasoning(entries, keep)})
-        index += 1
+        yield index, domain, entries
+
+
+def _row(split: str, index: int, domain: Domain, entries: list[dict[str, Any]], keep_reasoning: int) -> dict[str, Any]:
+    return {"id": f"{domain.name}-{split}-{index:05d}", "domain": domain.name, "system": domain.policy,
+            "tools": domain.tools_json(), "conversations": _strip_reasoning(entries, keep_reasoning)}
+
+
+def _split_rows(seed: int, split: str, domains: tuple[Domain, ...], count: int, seen: set[str]) -> list[dict[str, Any]]:
+    """`count` conversations without reasoning."""
+    stream = _new_conversations(seed, split, domains, seen)
+    return [_row(split, index, domain, entries, 0) for index, domain, entries in itertools.islice(stream, count)]
+
+
+def _coldstart_rows(seed: int, domains: tuple[Domain, ...], budget: int, seen: set[str]) -> list[dict[str, Any]]:
+    """Conversations whose assistant actions keep their reasoning until `budget` actions carry
+    some: every action of each conversation, and the first few of the last one."""
+    rows: list[dict[str, Any]] = []
+    stream = _new_conversations(seed, "coldstart", domains, seen)
+    while budget > 0:
+        index, domain, entries = next(stream)
+        keep = min(_action_count(entries), budget)
+        rows.append(_row("coldstart", index, domain, entries, keep))
+        budget -= keep
     return rows
 
 
@@ -113,7 +138,7 @@ def generate_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_ood
     seen: set[str] = set()
     splits = {"test": _split_rows(seed, "test", IN_DOMAIN, n_test, seen),
               "ood_test": _split_rows(seed, "ood_test", OUT_OF_DOMAIN, n_ood, seen),
-              "coldstart": _split_rows(seed, "coldstart", IN_DOMAIN, 0, seen, reasoning_budget=n_coldstart),
+              "coldstart": _coldstart_rows(seed, IN_DOMAIN, n_coldstart, seen),
               "train": _split_rows(seed, "train", IN_DOMAIN, n_train, seen)}
     return {name: splits[name] for name in SPLIT_FILES}
 

@@ -12,7 +12,7 @@ import random
 from typing import Any, Callable
 
 from data.synthetic.world import (
-    INTEGER, NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, YES, NO, converse, enum, error, listing,
+    NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, YES, NO, converse, enum, error, listing,
     money, params, replace_record, sentences,
 )
 
@@ -179,26 +179,25 @@ def search_products(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
 
 
 TOOLS = (
-    Tool("find_user_by_email", "Find a user id by email.", params({"email": STRING}), find_user_by_email,
+    Tool("find_user_by_email", "Find a user by email.", params({"email": STRING}), find_user_by_email,
          auth_key="user_id"),
-    Tool("find_user_by_name_zip", "Find a user id by name and zip.",
+    Tool("find_user_by_name_zip", "Find a user by name and zip.",
          params({"first_name": STRING, "last_name": STRING, "zip": STRING}), find_user_by_name_zip,
          auth_key="user_id"),
-    Tool("get_user", "Get a user's name and order ids.", params({"user_id": STRING}), get_user),
-    Tool("get_order", "Get an order's status, items and total.", params({"order_id": STRING}), get_order),
-    Tool("track_order", "Get carrier and tracking of a shipped order.", params({"order_id": STRING}), track_order),
+    Tool("get_user", "Get a user's orders.", params({"user_id": STRING}), get_user),
+    Tool("get_order", "Get an order.", params({"order_id": STRING}), get_order),
+    Tool("track_order", "Track a shipped order.", params({"order_id": STRING}), track_order),
     Tool("cancel_order", "Cancel a pending order.",
          params({"order_id": STRING, "reason": enum("no longer needed", "ordered by mistake")}), cancel_order,
          writes=True),
-    Tool("return_items", "Return items of a delivered order.",
+    Tool("return_items", "Return delivered items.",
          params({"order_id": STRING, "item_ids": {"type": "array", "items": STRING, "minItems": 1}},
                 {"refund_method": enum("original", "gift_card")}), return_items, writes=True),
-    Tool("change_address", "Set a new address for a pending order.",
+    Tool("change_address", "Change a pending order's address.",
          params({"order_id": STRING, "address": STRING}), change_address, writes=True),
-    Tool("search_products", "Search the catalog by keyword.",
+    Tool("search_products", "Search products.",
          params({"query": STRING}, {"max_price": NUMBER}), search_products, public=True),
 )
-_ = INTEGER  # the retail schemas need no integers; imported names stay uniform across domains
 
 
 # ----------------------------------------------------------------------------- conversations

@@ -131,22 +131,22 @@ def check_outage(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
 
 
 TOOLS = (
-    Tool("verify_account", "Verify a caller by phone number and PIN.", params({"phone": STRING, "pin": STRING}),
+    Tool("verify_account", "Verify a caller.", params({"phone": STRING, "pin": STRING}),
          verify_account, auth_key="account_id"),
-    Tool("get_account", "Get an account's plan, data left and line status.", params({"account_id": STRING}),
+    Tool("get_account", "Get account details.", params({"account_id": STRING}),
          get_account),
-    Tool("get_bill", "Get the current or previous bill.", params({"account_id": STRING},
+    Tool("get_bill", "Get a bill.", params({"account_id": STRING},
                                                                   {"month": enum("current", "previous")}), get_bill),
-    Tool("pay_bill", "Pay an amount of the bill.",
+    Tool("pay_bill", "Pay a bill.",
          params({"account_id": STRING, "amount": NUMBER, "method": enum("card", "bank")}), pay_bill, writes=True),
     Tool("list_plans", "List plans with prices.", params({}), list_plans, public=True),
-    Tool("change_plan", "Switch the account to another plan.",
+    Tool("change_plan", "Change the plan.",
          params({"account_id": STRING, "plan": enum(*PLANS)}), change_plan, writes=True),
     Tool("buy_data", "Buy extra data.", params({"account_id": STRING, "gb": {"type": "integer", "enum": [1, 5, 10]}}),
          buy_data, writes=True),
-    Tool("suspend_line", "Suspend the line of a lost or stolen phone.",
+    Tool("suspend_line", "Suspend a line.",
          params({"account_id": STRING, "reason": enum("lost", "stolen")}), suspend_line, writes=True),
-    Tool("check_outage", "Check for a network outage in a zip code.", params({"zip": STRING}), check_outage,
+    Tool("check_outage", "Check for an outage.", params({"zip": STRING}), check_outage,
          public=True),
 )
 

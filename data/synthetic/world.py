@@ -263,7 +263,7 @@ Intent = Callable[[Dialogue, bool], None]  # (dialogue, is_first_request) -> wri
 
 
 def converse(dlg: Dialogue, openers: list[tuple[Intent, float]], followups: list[tuple[Intent, float]],
-             *, more: float = 0.35, soft_limit: int = 6) -> None:
+             *, more: float = 0.25, soft_limit: int = 6) -> None:
     """One conversation: an opening request, then follow-up requests, then maybe a goodbye.
 
     Follow-ups are added while the conversation has fewer than 3 assistant actions, and after that
