@@ -37,11 +37,10 @@ import json
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable
 
 from data.types import Conversation, Turn
 
-Format = Literal["apigen", "tau", "almita"]
 FORMATS: tuple[str, ...] = ("apigen", "tau", "almita")
 ON_ERROR: tuple[str, ...] = ("raise", "skip")
 SYNTHETIC_SPLITS: tuple[str, ...] = ("train", "test", "ood_test", "coldstart")

@@ -167,12 +167,14 @@ def chatml_conversation_text(conversation: Conversation) -> str:
 def prompt_text(tokenizer: Any, system: str, tools: list[dict[str, Any]], history: list[Turn],
                 conversation_id: str = "?") -> str:
     """The prompt text through the tokenizer's chat template, or the project's ChatML without one."""
-    if not has_chat_template(tokenizer):
+    messages = chat_messages(system, history)
+    # Templates refuse an empty conversation (no system prompt, nothing before the first action,
+    # e.g. a conversation that opens with the agent's greeting): use the ChatML prompt, which is
+    # then the bare generation prompt `<|im_start|>assistant\n` (plus the tools block, if any).
+    if not has_chat_template(tokenizer) or not messages:
         return chatml_prompt(system, tools, history)
     try:
-        return tokenizer.apply_chat_template(
-            chat_messages(system, history), tools=tools or None, add_generation_prompt=True, tokenize=False
-        )
+        return tokenizer.apply_chat_template(messages, tools=tools or None, add_generation_prompt=True, tokenize=False)
     except Exception as error:  # a template's own error (e.g. "roles must alternate"): name the record
         raise ValueError(f"conversation {conversation_id!r}: the tokenizer's chat template failed: {error}") from error
 

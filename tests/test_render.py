@@ -319,6 +319,13 @@ def test_qwen3_block_encoding(qwen3):
     assert encode_text(qwen3, odd) == qwen3.encode(odd, add_special_tokens=False)
 
 
+def test_qwen3_conversation_opening_with_the_agent(qwen3):
+    sample = Sample("greeting", 0, "", [], [], {"kind": "answer", "text": "Hi, how can I help?"})
+    rendered = render(sample, qwen3)
+    assert qwen3.decode(rendered.input_ids) == "<|im_start|>assistant\n<think>\n\n</think>\n\n<answer>Hi, how can I help?</answer><|im_end|>"
+    check_rendering(sample, qwen3, rendered)
+
+
 def test_qwen3_special_ids(qwen3):
     assert end_of_turn_id(qwen3) == 151645 and stop_token_ids(qwen3) == [151645]
     assert stop_sequences(qwen3)[0] == [qwen3.convert_tokens_to_ids("</tool_call>")]
