@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from data.synthetic import (
-    DOMAINS, IN_DOMAIN, OUT_OF_DOMAIN, SPLIT_FILES, generate_conversation, generate_splits, write_splits,
+    DOMAINS, IN_DOMAIN, SPLIT_FILES, generate_conversation, generate_splits, write_splits,
 )
 from data.synthetic.__main__ import main as cli_main
 from data.synthetic.airline import AIRLINE

@@ -14,8 +14,8 @@ import string
 from typing import Any
 
 from data.synthetic.world import (
-    BOOLEAN, INTEGER, STRING, Db, Dialogue, Domain, Tool, ToolResult, converse, enum, error, listing, money, params,
-    replace_record, sentences, YES, NO,
+    BOOLEAN, INTEGER, STRING, Db, Dialogue, Domain, Tool, ToolResult, confirm_write, converse, enum, error, listing, money, params,
+    replace_record, sentences,
 )
 from data.synthetic.retail import FIRST_NAMES, LAST_NAMES
 
@@ -348,20 +348,6 @@ class AirlineChat:
         fitting = [reservation for reservation in reservations if fits(reservation)]
         return self.rng.choice(fitting if fitting and self.rng.random() < bias else reservations)
 
-    def confirm_write(self, proposal: str, confirm_reasoning: str, write: tuple[str, dict[str, Any]],
-                      write_reasoning: str, report: Any, declined: str) -> None:
-        dlg = self.dlg
-        dlg.say(proposal, confirm_reasoning)
-        if self.rng.random() < 0.9:
-            dlg.user(dlg.pick(YES), confirms=True)
-            result = dlg.call(write[0], write[1], write_reasoning)
-            text, reasoning = report(result)
-            dlg.say(text, reasoning)
-        else:
-            dlg.user(dlg.pick(NO))
-            dlg.say(declined, "The user declined, so I must not call the write tool. I acknowledge and "
-                              "change nothing.")
-
     def flight_options(self, search: dict[str, Any], exclude: str | None, passengers: int) -> list[dict[str, Any]]:
         return [flight for flight in search["flights"] if flight["flight_id"] != exclude
                 and flight["seats"] >= passengers]
@@ -416,7 +402,8 @@ class AirlineChat:
         preference, wish = self.preference()
         parts = [dlg.pick(("I need a flight from {o} to {d} on {date}.", "Can you book {o} to {d} for {date}?",
                            "I want to fly {o}-{d} on {date}."), o=origin, d=destination, date=date),
-                 dlg.pick(("We are {n}.", "It's for {n}.", "{n} in total."), n=people(passengers))]
+                 dlg.pick(("We are {n}.", "It's for {n}.", "{n} in total.") if passengers > 1 else
+                          ("Just me.", "It's for 1 passenger.", "Only 1 passenger."), n=people(passengers))]
         if say_cabin:
             parts.append(dlg.pick(("{cabin} class please.", "In {cabin}."), cabin=cabin).capitalize())
         if insurance:
@@ -455,7 +442,7 @@ class AirlineChat:
                      "passengers": passengers}
         if insurance:
             arguments["insurance"] = True
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("To confirm: {fid} on {date}, {cabin}, {n}{ins}. Total {total}. Shall I book it?",
                       "Booking {fid} ({o}-{d}, {date}) in {cabin} for {n}{ins} costs {total}. Go ahead?"),
                      fid=chosen["flight_id"], date=date, cabin=cabin, n=people(passengers), o=origin, d=destination,
@@ -475,9 +462,7 @@ class AirlineChat:
     def cancel(self, dlg: Dialogue, first: bool) -> None:
         reservation = self.pick_reservation(lambda r: r["insurance"] or r["cabin"] == "business", bias=0.8)
         rid = reservation["reservation_id"]
-        reason = self.rng.choice(("change of plans", "health", "other"))
-        why = {"change of plans": "my plans changed", "health": "I'm sick",
-               "other": "I just can't go"}[reason]
+        why = self.rng.choice(("my plans changed", "I'm sick", "I just can't go"))
         current = self.find_reservation(
             first, reservation, "cancel a reservation", "check whether it can be cancelled",
             ("Please cancel reservation {rid}, {why}.", "I need to cancel {rid} because {why}."),
@@ -498,7 +483,7 @@ class AirlineChat:
                     "cancel_reservation.")
             return
         basis = "business" if current["cabin"] == "business" else "insured"
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("Reservation {rid} ({o}-{d}, {date}) is {basis}, so I can cancel it and refund {paid}. "
                       "Confirm?", "I can cancel {rid} and refund {paid}. Shall I proceed?"),
                      rid=rid, o=current["origin"], d=current["destination"], date=current["date"], basis=basis,
@@ -506,7 +491,7 @@ class AirlineChat:
             f"Reservation {rid} is {basis}, so cancellation is allowed, with a refund of the {money(current['paid'])} "
             "paid. I need an explicit yes before cancel_reservation.",
             ("cancel_reservation", {"reservation_id": rid}),
-            f"The user confirmed ({reason} is the reason they gave). I call cancel_reservation for {rid}.",
+            f"The user confirmed, so I call cancel_reservation for {rid}.",
             lambda result: (dlg.pick(("Reservation {rid} is cancelled; {refund} will be refunded.",
                                       "Done. {rid} is cancelled and you'll get {refund} back."),
                                      rid=rid, refund=money(result["refund"])),
@@ -552,7 +537,7 @@ class AirlineChat:
                       f"{'-' if difference < 0 else ''}{money(abs(difference))}")
         cost = (f"a fare difference of {money(difference)}" if difference > 0 else
                 f"a credit of {money(-difference)}" if difference < 0 else "no fare difference")
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("Moving {rid} to {fid} at {time} means {cost}. Shall I make the change?",
                       "I'll move {rid} to {fid} ({time}), with {cost}. Confirm?"),
                      rid=rid, fid=chosen["flight_id"], time=chosen["depart"], cost=cost),
@@ -586,9 +571,9 @@ class AirlineChat:
             return
         tier = self.tier or "regular"
         fee = 0 if tier == "gold" else BAG_FEE * count
-        arithmetic = "free for gold members" if tier == "gold" else f"{count} x {money(BAG_FEE)} = {money(fee)}"
-        self.confirm_write(
-            dlg.pick(("Adding {n} bag{s} to {rid} costs {fee}{gold}. Shall I add them?",
+        arithmetic = "$0.00, free for gold members" if tier == "gold" else f"{count} x {money(BAG_FEE)} = {money(fee)}"
+        confirm_write(dlg, 
+            dlg.pick(("Adding {n} bag{s} to {rid} costs {fee}{gold}. Shall I go ahead?",
                       "{rid} will have {total} bags; the fee is {fee}{gold}. Confirm?"),
                      n=count, s="s" if count > 1 else "", rid=rid, fee=money(fee), total=current["bags"] + count,
                      gold=" as a gold member" if tier == "gold" else ""),

@@ -9,10 +9,10 @@ delivered items can be returned within 30 days, every change needs an explicit y
 from __future__ import annotations
 
 import random
-from typing import Any, Callable
+from typing import Any
 
 from data.synthetic.world import (
-    NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, YES, NO, converse, enum, error, listing,
+    NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, confirm_write, converse, enum, error, listing,
     money, params, replace_record, sentences,
 )
 
@@ -359,21 +359,6 @@ class RetailChat:
         templates = with_id if self.rng.random() < 0.75 else without_id
         return self.dlg.pick(templates, order=order_id, **slots)
 
-    def confirm_write(self, proposal: str, confirm_reasoning: str, write: tuple[str, dict[str, Any]],
-                      write_reasoning: str, report: Callable[[dict[str, Any]], tuple[str, str]], declined: str) -> None:
-        """Propose a change, wait for yes/no, then call the write tool and report its result."""
-        dlg = self.dlg
-        dlg.say(proposal, confirm_reasoning)
-        if self.rng.random() < 0.9:
-            dlg.user(dlg.pick(YES), confirms=True)
-            result = dlg.call(write[0], write[1], write_reasoning)
-            text, reasoning = report(result)
-            dlg.say(text, reasoning)
-        else:
-            dlg.user(dlg.pick(NO))
-            dlg.say(declined, "The user declined, so I must not call the write tool. I acknowledge and "
-                              "leave everything unchanged.")
-
     # -- intents
 
     def cancel(self, dlg: Dialogue, first: bool) -> None:
@@ -398,7 +383,7 @@ class RetailChat:
                     "cancelled, so I refuse without calling cancel_order.")
             return
         total = money(current["total"])
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("Order {order} with {items} is pending. Cancelling it refunds {total} to your original payment. "
                       "Shall I go ahead?",
                       "I can cancel order {order} for the reason '{reason}'; you'd get {total} back. Do you confirm?"),
@@ -459,7 +444,7 @@ class RetailChat:
         prices = " + ".join(money(item["price"]) for item in chosen)
         arithmetic = f"{prices} = {money(refund)}" if len(chosen) > 1 else money(refund)
         destination = "a gift card" if gift_card else "your original payment"
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("I can return {items} from order {order}. The refund of {refund} goes to {dest}. Confirm?",
                       "Returning {items} from {order} gives a refund of {refund} to {dest}. Shall I proceed?"),
                      items=describe_items(chosen), order=order_id, refund=money(refund), dest=destination),
@@ -471,8 +456,8 @@ class RetailChat:
             lambda result: (dlg.pick(("Your return for order {order} is requested. {refund} will go to {dest}.",
                                       "Done. The return is requested and {refund} will be refunded to {dest}."),
                                      order=order_id, refund=money(result["refund"]), dest=destination),
-                            f"return_items succeeded with a refund of {money(result['refund'])} by {method}. "
-                            "I tell the user."),
+                            f"return_items succeeded with a refund of {money(result['refund'])} to "
+                            f"{'a gift card' if method == 'gift_card' else 'the original payment'}. I tell the user."),
             dlg.pick(("Alright, no return was made for order {order}.", "Okay, I won't start the return."),
                      order=order_id))
 
@@ -494,7 +479,7 @@ class RetailChat:
                     f"get_order shows order {order_id} is {current['status']}. Only pending orders can get a "
                     "new address, so I refuse without calling change_address.")
             return
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("Order {order} is pending. I'll change its shipping address to {address}. Is that right?",
                       "I can send order {order} to {address}. Shall I update it?"), order=order_id, address=address),
             f"Order {order_id} is pending, so its address can change. I need an explicit yes before calling "

@@ -13,7 +13,7 @@ import random
 from typing import Any
 
 from data.synthetic.world import (
-    NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, YES, NO, converse, enum, error, money, params,
+    NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, confirm_write, converse, enum, error, money, params,
     replace_record, sentences, listing,
 )
 from data.synthetic.retail import FIRST_NAMES, LAST_NAMES
@@ -190,19 +190,6 @@ class TelecomChat:
                  f"The caller gave phone {self.account['phone']} and a PIN. I must verify before any account "
                  "action, so I call verify_account.")
 
-    def confirm_write(self, proposal: str, confirm_reasoning: str, write: tuple[str, dict[str, Any]],
-                      write_reasoning: str, report: Any, declined: str) -> None:
-        dlg = self.dlg
-        dlg.say(proposal, confirm_reasoning)
-        if self.rng.random() < 0.9:
-            dlg.user(dlg.pick(YES), confirms=True)
-            result = dlg.call(write[0], write[1], write_reasoning)
-            text, reasoning = report(result)
-            dlg.say(text, reasoning)
-        else:
-            dlg.user(dlg.pick(NO))
-            dlg.say(declined, "The caller declined, so I must not call the write tool. Nothing changes.")
-
     def bill(self, dlg: Dialogue, first: bool) -> None:
         previous = self.rng.random() < 0.3
         request = (dlg.pick(("How much was my last bill?", "What did I pay last month?")) if previous else
@@ -250,7 +237,7 @@ class TelecomChat:
                     "pay_bill needs a payment method and the caller gave none, so I ask for it.")
             dlg.user(dlg.pick(("{method}.", "By {method}.", "{method}, please."), method=method).capitalize())
         remaining = round(due - amount, 2)
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("I'll charge {amount} to your {method}; {remaining} will remain due. Confirm?",
                       "Paying {amount} by {method} leaves {remaining} due. Shall I proceed?"),
                      amount=money(amount), method=method, remaining=money(remaining)),
@@ -286,7 +273,7 @@ class TelecomChat:
                     f"get_bill shows {money(result['amount_due'])} due. The policy allows plan changes only when "
                     "nothing is due, so I refuse and do not call change_plan.")
             return
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("The {plan} plan costs {price} a month with {data} data. Shall I switch you?",
                       "Switching to {plan}: {price}/month, {data} data. Confirm?"),
                      plan=plan, price=money(price), data=data),
@@ -313,7 +300,7 @@ class TelecomChat:
                     "get_account shows the unlimited plan. Top-ups are not sold on it, so I do not call buy_data.")
             return
         price = DATA_PRICE * gb
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("{gb} GB costs {price}, added to your bill. Go ahead?", "I can add {gb} GB for {price}. Confirm?"),
                      gb=gb, price=money(price)),
             f"The plan is {result['plan']}, so a top-up is allowed: {gb} x {money(DATA_PRICE)} = {money(price)}. "
@@ -338,7 +325,7 @@ class TelecomChat:
             dlg.say(dlg.pick(("Your line is already suspended.", "The line is suspended already; nothing to do.")),
                     "get_account shows the line is already suspended, so I do not call suspend_line.")
             return
-        self.confirm_write(
+        confirm_write(dlg, 
             dlg.pick(("I'll suspend the line for phone {phone} as {reason}. Confirm?",
                       "Suspending {phone} stops all calls and data. Shall I do it?"),
                      phone=self.account["phone"], reason=reason),

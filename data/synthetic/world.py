@@ -259,6 +259,23 @@ def sentences(dlg: Dialogue, parts: list[str]) -> str:
     return " ".join(shuffled)
 
 
+def confirm_write(dlg: Dialogue, proposal: str, proposal_reasoning: str, write: tuple[str, dict[str, Any]],
+                  write_reasoning: str, report: Callable[[ToolResult], tuple[str, str]], declined: str,
+                  *, yes_share: float = 0.9) -> None:
+    """The policy's write pattern: propose the change (an answer ending in a question), then the user
+    says yes (`yes_share` of the time: call the write tool, then answer with `report(result)`, a
+    (text, reasoning) pair) or no (answer `declined`, no call)."""
+    dlg.say(proposal, proposal_reasoning)
+    if dlg.rng.random() < yes_share:
+        dlg.user(dlg.pick(YES), confirms=True)
+        result = dlg.call(write[0], write[1], write_reasoning)
+        text, reasoning = report(result)
+        dlg.say(text, reasoning)
+    else:
+        dlg.user(dlg.pick(NO))
+        dlg.say(declined, f"The user declined, so I must not call {write[0]}. I acknowledge and change nothing.")
+
+
 Intent = Callable[[Dialogue, bool], None]  # (dialogue, is_first_request) -> writes turns
 
 
