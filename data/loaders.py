@@ -293,7 +293,9 @@ def _parse_apigen_row(row: Any, index: int, source_name: str, seen_ids: set[str]
             turns.append(Turn("tool_call", name=name, arguments=arguments, reasoning=reasoning))
             last_call_name = name
         elif role == "tool":
-            turns.append(Turn("tool", content=_text(value, f"{where}.value", allow_none=True), name=last_call_name))
+            # Some exports store a structured observation instead of its JSON text.
+            content = json.dumps(value, ensure_ascii=False) if isinstance(value, (dict, list)) else value
+            turns.append(Turn("tool", content=_text(content, f"{where}.value", allow_none=True), name=last_call_name))
         elif role == "assistant":
             text = _text(value, f"{where}.value", allow_none=True)
             if not text.strip():

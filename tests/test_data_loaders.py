@@ -74,6 +74,13 @@ def test_apigen_think_tool_empty_observation_is_kept():
     assert stats.empty_observations == 1
 
 
+def test_apigen_structured_observation_becomes_json_text():
+    row = apigen_row([{"from": "human", "value": "A1?"}, call("get_order", {"order_id": "A1"}),
+                      {"from": "observation", "value": {"status": "shipped"}}, {"from": "gpt", "value": "Shipped."}])
+    conversations, _ = parse_apigen_rows([row])
+    assert conversations[0].turns[2].content == '{"status": "shipped"}'
+
+
 def test_apigen_conversation_ending_on_observation():
     row = apigen_row([{"from": "human", "value": "A1?"}, call("get_order", {"order_id": "A1"}),
                       {"from": "observation", "value": "shipped"}])
