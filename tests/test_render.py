@@ -80,10 +80,10 @@ def check_rendering(sample: Sample, tokenizer, rendered, with_reasoning: bool = 
 def test_chatml_prompt_layout():
     history = exchange(1)[:3]
     text = chatml_prompt("SYS", TOOLS, history)
-    function_json = json.dumps(TOOLS[0]["function"])
+    signature = "get_order(order_id: string): Look up an order."
     assert text == (
         "<|im_start|>system\nSYS\n\n# Tools\n\nCall one tool as <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n"
-        "</tool_call> or reply to the user as <answer>...</answer>.\n<tools>\n" + function_json + "\n</tools><|im_end|>\n"
+        "</tool_call> or reply to the user as <answer>...</answer>.\n<tools>\n" + signature + "\n</tools><|im_end|>\n"
         "<|im_start|>user\nWhere is my order A1? It is exchange number 1.<|im_end|>\n"
         "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_order\", \"arguments\": {\"order_id\": \"A1\"}}\n</tool_call><|im_end|>\n"
         "<|im_start|>user\n<tool_response>\n{\"order_id\": \"A1\", \"status\": \"shipped\"}\n</tool_response><|im_end|>\n"
@@ -95,6 +95,19 @@ def test_chatml_prompt_layout():
         "<|im_start|>user\n<tool_response>\nr1\n</tool_response>\n<tool_response>\nr2\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n")
     assert chatml_prompt("", [], [Turn("user", "q")]) == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_tool_signature_is_compact_and_complete():
+    from data.render import tool_signature
+
+    tool = {"type": "function", "function": {"name": "book", "description": "Book a flight.", "parameters": {
+        "type": "object",
+        "properties": {"insurance": {"type": "boolean"}, "cabin": {"type": "string", "enum": ["basic", "business"]},
+                       "ids": {"type": "array", "items": {"type": "string"}}, "n": {"type": "integer"}},
+        "required": ["cabin", "n"]}}}
+    # required parameters first, optional ones marked with '?', enums spelled out
+    assert tool_signature(tool) == "book(cabin: basic|business, n: integer, insurance?: boolean, ids?: array[string]): Book a flight."
+    assert tool_signature({"name": "ping"}) == "ping()"
 
 
 @pytest.mark.parametrize("turn_index", [1, 3, 5, 11])
