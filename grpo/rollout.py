@@ -6,16 +6,37 @@ For a batch of B prompts and a group size G:
    (`position_ids_from_mask`), so padding does not shift a prompt's rotary positions, and the
    attention mask hides the pads.
 2. Prefill the B prompts once, keeping only the last position's logits (`logits_to_keep=1`).
-3. Repeat each prompt's KV cache G times along the batch axis (`repeat_interleave`; row b*G + g is
-   sample g of prompt b): the G samples share their prompt's prefill instead of recomputing it.
-4. Decode token by token with the model's `DynamicCache`.  Each step samples one token per
-   running row from softmax(filter(z / temperature)), where the filters are top-k then top-p
-   (nucleus), with a seeded `torch.Generator`; `greedy` takes argmax z instead.
+3. Share each prompt's KV cache among its G samples (row b*G + g is sample g of prompt b).
+4. Decode token by token.  Each step samples one token per running row from
+   softmax(filter(z / temperature)), where the filters are top-k then top-p (nucleus), with a
+   seeded `torch.Generator`; `greedy` takes argmax z instead.
 5. A row stops after a stop token (EOS, end-of-turn) or when its *generated* tokens end with a
    stop sequence (e.g. the ids of "</tool_call>"); tokens of the prompt never stop a row.  The
-   stopping token is part of the completion (mask 1).  Rows that stop are dropped from the decode
-   batch (and from the KV cache), so finished completions cost nothing; the loop ends when no row
-   is left or after `max_new_tokens`.  A row cut off by `max_new_tokens` is `finished=False`.
+   stopping token is part of the completion (mask 1).  Rows that stop leave the decode batch (and
+   the cache), so finished completions cost nothing more; the loop ends when no row is left or
+   after `max_new_tokens`.  A row cut off by `max_new_tokens` has `finished=False`.
+
+How the prompt cache is shared (step 3) depends on the architecture:
+
+- Shared-prefix attention (default for the decoder-only families in `SHARED_PREFIX_MODEL_TYPES`
+  with full attention in every layer): the prompt's keys and values stay stored once per prompt,
+  [B, kv_heads, P, head_dim]; only generated tokens have per-row keys and values, written into a
+  preallocated buffer [rows, kv_heads, max_new_tokens, head_dim].  Attention of a decode query q
+  is computed in two parts and merged exactly (the "flash-decoding" log-sum-exp merge):
+
+      prompt part, batched per prompt:   s1 = q K_prompt^T / sqrt(d) + pad bias,  o1 = softmax(s1) V_prompt
+      generated part, per row:           s2 = q K_gen^T / sqrt(d),                o2 = softmax(s2) V_gen
+      l_i = logsumexp(s_i),  out = (e^{l1} o1 + e^{l2} o2) / (e^{l1} + e^{l2})
+
+  so the G samples read their prompt's keys once per step instead of G times, the prompt cache
+  is never copied, and no cache grows by concatenation.
+- Otherwise the prompt cache is repeated G times along the batch axis (`repeat_interleave`, no
+  second prefill) and decoding uses transformers' `DynamicCache`.
+
+LoRA: when the policy is a PeftModel whose LoRA weights are fp32, the rollout runs with each
+adapter folded into its base weight (W + (alpha/r) B A, a new tensor; the original weight tensor
+is put back afterwards, untouched), which removes the adapter's extra matmuls from every step.
+bf16 weights are not folded: rounding W + dW to bf16 would lose most of a small dW.
 
 `sampling_logprobs` are log-probabilities of the sampled tokens under the distribution actually
 sampled from (after temperature, top-k, top-p, and the stop-token ban while fewer than
@@ -23,25 +44,41 @@ sampled from (after temperature, top-k, top-p, and the stop-token ban while fewe
 `token_logprobs` at the same temperature.  Under `greedy` they are log softmax(z / temperature) of
 the argmax token (a confidence, not the log of the point mass).
 
-The model runs in eval mode under `torch.inference_mode()`; each module's training flag is
+The model runs in eval mode under `torch.inference_mode()`; every module's training flag is
 restored afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from grpo.policy import causal_lm_of, model_dtype_device, position_ids_from_mask
 
+# Families whose attention layers call transformers' attention interface with the cache's keys and
+# values (all recent decoder-only LMs in transformers 5); others use the repeated-cache path.
+SHARED_PREFIX_MODEL_TYPES: frozenset[str] = frozenset({
+    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "phi3", "olmo2", "smollm3",
+})
+SHARED_PREFIX_ATTENTION = "grpo_shared_prefix"
+
 
 @dataclass
 class SamplingConfig:
-    """How completions are sampled.  top_k = 0 and top_p = 1 switch those filters off."""
+    """How completions are sampled.  top_k = 0 and top_p = 1 switch those filters off.
+
+    min_new_tokens: stop tokens are banned from sampling while fewer than this many tokens exist,
+    and stop sequences are ignored until the completion has this many tokens.
+
+    share_prefix: shared-prefix attention where the architecture allows it (else the repeated
+    cache); merge_lora: fold fp32 LoRA adapters into the base weights for the rollout.  Both only
+    change speed and memory, not what is sampled (up to float rounding).
+    """
 
     group_size: int = 8
     max_new_tokens: int = 128
@@ -50,13 +87,15 @@ class SamplingConfig:
     top_k: int = 0
     greedy: bool = False
     min_new_tokens: int = 0
+    share_prefix: bool = True
+    merge_lora: bool = True
 
     def __post_init__(self) -> None:
         if self.group_size < 1:
             raise ValueError(f"SamplingConfig.group_size must be >= 1, got {self.group_size}")
         if self.max_new_tokens < 0:
             raise ValueError(f"SamplingConfig.max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not 0 <= self.min_new_tokens:
+        if self.min_new_tokens < 0:
             raise ValueError(f"SamplingConfig.min_new_tokens must be >= 0, got {self.min_new_tokens}")
         if self.temperature <= 0:
             raise ValueError(f"SamplingConfig.temperature must be > 0 (use greedy=True for argmax), "
@@ -106,6 +145,11 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_token_id: int, device: torch.
     return input_ids.to(device), attention_mask.to(device)
 
 
+# ----------------------------------------------------------------------------------------------
+# Sampling one token
+# ----------------------------------------------------------------------------------------------
+
+
 def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) -> Tensor:
     """z / temperature, then top-k, then top-p (nucleus): filtered-out tokens get -inf.
 
@@ -134,6 +178,8 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
     """One token per row of `logits` [n, V] and its log-prob under the sampling distribution.
 
     banned_token_ids (1-D) get probability 0 (used for stop tokens before `min_new_tokens`).
+    Sampling draws one uniform number per row and inverts the cumulative distribution: the same
+    distribution as `torch.multinomial`, which on the CPU costs ten times more on large vocabularies.
     """
     logits = logits.float()
     if banned_token_ids is not None:
@@ -144,7 +190,16 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
         token_logits = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         return tokens, token_logits - torch.logsumexp(scaled, dim=-1)
     log_probs = torch.log_softmax(filter_logits(logits, config.temperature, config.top_k, config.top_p), dim=-1)
-    tokens = torch.multinomial(log_probs.exp(), 1, generator=generator).squeeze(-1)
+    # Inverse-CDF draw in float64 (so that tail tokens keep their probability): the first token
+    # whose cumulative mass exceeds u * total.  Its probability is > 0, since the cumulative sum
+    # rises there; the clamp guards the one draw where u * total rounds up to the total.
+    cumulative = log_probs.double().exp_().cumsum_(dim=-1)
+    total = cumulative[:, -1:]
+    # Drawn on the generator's own device (a CPU generator may drive a GPU rollout).
+    uniform = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64,
+                         device=generator.device if generator is not None else logits.device).to(logits.device)
+    tokens = torch.searchsorted(cumulative, uniform * total, right=True)
+    tokens = torch.minimum(tokens, (cumulative < total).sum(-1, keepdim=True)).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
@@ -157,6 +212,280 @@ def _ends_with_stop_sequence(recent: Tensor, stop_sequences: list[Tensor]) -> Te
         if len(sequence) <= recent.shape[1]:
             hit |= (recent[:, recent.shape[1] - len(sequence):] == sequence).all(dim=-1)
     return hit
+
+
+# ----------------------------------------------------------------------------------------------
+# Decoders: prefill once, then one token per row per step
+# ----------------------------------------------------------------------------------------------
+
+
+class RepeatedCacheDecoder:
+    """Prompt cache repeated G times along the batch axis; transformers' DynamicCache and masks."""
+
+    def __init__(self, causal_lm: torch.nn.Module, group_size: int, max_new_tokens: int) -> None:
+        self.causal_lm, self.group_size, self.max_new_tokens = causal_lm, group_size, max_new_tokens
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        """Logits [B*G, V] of the first generated token of every row."""
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.causal_lm.config)
+        logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                position_ids=position_ids_from_mask(prompt_mask), past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.cache.batch_repeat_interleave(self.group_size)
+        num_rows = prompt_ids.shape[0] * self.group_size
+        # Attention over [prompt | generated]; after s generated tokens a step reads P + s columns.
+        self.attention = torch.cat([prompt_mask.repeat_interleave(self.group_size, dim=0),
+                                    prompt_mask.new_ones((num_rows, self.max_new_tokens))], dim=1)
+        self.next_position = prompt_mask.sum(-1).repeat_interleave(self.group_size)
+        self.prompt_length, self.generated = prompt_ids.shape[1], 0
+        return logits.repeat_interleave(self.group_size, dim=0)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        """Feed one token per decode row; logits [n, V] of the next one."""
+        self.generated += 1
+        logits = self.causal_lm(input_ids=tokens.unsqueeze(-1),
+                                attention_mask=self.attention[:, :self.prompt_length + self.generated],
+                                position_ids=self.next_position.unsqueeze(-1), past_key_values=self.cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]
+        self.next_position = self.next_position + 1
+        return logits
+
+    def keep(self, rows: Tensor) -> None:
+        """Keep only these decode rows (indices into the current decode batch)."""
+        self.cache.batch_select_indices(rows)
+        self.attention, self.next_position = self.attention[rows], self.next_position[rows]
+
+
+class _GeneratedKeyValues:
+    """The per-row keys and values of generated tokens, in buffers preallocated to max_new_tokens.
+
+    It stands in for a transformers Cache during decode steps: each attention layer calls
+    `update(key, value, layer_idx)` with the new token's key and value and receives the keys and
+    values of every token generated so far (the prompt's are in `_PromptGroups`).
+    """
+
+    def __init__(self, num_layers: int, capacity: int) -> None:
+        self.capacity, self.length = capacity, 0
+        self.keys: list[Tensor | None] = [None] * num_layers
+        self.values: list[Tensor | None] = [None] * num_layers
+        self.updates = 0
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
+               ) -> tuple[Tensor, Tensor]:
+        if self.keys[layer_idx] is None:
+            rows, kv_heads, _, head_dim = key_states.shape
+            self.keys[layer_idx] = key_states.new_empty((rows, kv_heads, self.capacity, head_dim))
+            self.values[layer_idx] = value_states.new_empty((rows, kv_heads, self.capacity, value_states.shape[-1]))
+        self.keys[layer_idx][:, :, self.length] = key_states[:, :, 0]
+        self.values[layer_idx][:, :, self.length] = value_states[:, :, 0]
+        self.updates += 1
+        end = self.length + 1
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+    def keep(self, rows: Tensor) -> None:
+        self.keys = [None if buffer is None else buffer.index_select(0, rows) for buffer in self.keys]
+        self.values = [None if buffer is None else buffer.index_select(0, rows) for buffer in self.values]
+
+
+@dataclass
+class _PromptGroups:
+    """The prompts' keys and values, once per prompt, and where each decode row sits in the
+    [prompts, G] grid.  Passed to the attention function in place of the attention mask."""
+
+    keys: list[Tensor]  # per layer [B', kv_heads, P, head_dim]
+    values: list[Tensor]  # per layer [B', kv_heads, P, head_dim]
+    pad_bias: Tensor  # [B', 1, 1, P] float32, 0 on prompt tokens, -inf on pads
+    group_size: int
+    slots: Tensor | None  # [n] grid slot (prompt * G + sample) of each decode row; None = every slot in order
+    calls: int = 0
+
+
+def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                            attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                            **kwargs: Any) -> tuple[Tensor, None]:
+    """Decode attention of one new token per row over [its prompt | its generated tokens].
+
+    query [n, heads, 1, d]; key/value [n, kv_heads, t, d]: the row's generated tokens (the new one
+    included); `attention_mask` is the `_PromptGroups`.  Returns [n, 1, heads, d].  Heads are
+    grouped by key/value head (grouped-query attention: head h reads kv head h // (heads/kv_heads)).
+    """
+    groups = attention_mask
+    if not isinstance(groups, _PromptGroups) or query.shape[2] != 1:
+        raise RuntimeError("shared_prefix_attention only serves the rollout's one-token decode steps")
+    groups.calls += 1
+    rows, heads, _, head_dim = query.shape
+    kv_heads = key.shape[1]
+    per_kv = heads // kv_heads
+    scaling = head_dim ** -0.5 if scaling is None else scaling
+    prompt_keys, prompt_values = groups.keys[module.layer_idx], groups.values[module.layer_idx]
+    num_prompts, group_size = prompt_keys.shape[0], groups.group_size
+    query = query.view(rows, kv_heads, per_kv, head_dim)
+
+    # Prompt part: the queries of one prompt's rows form one batch against that prompt's keys.
+    grid_query = query
+    if groups.slots is not None:
+        grid_query = query.new_zeros((num_prompts * group_size, kv_heads, per_kv, head_dim))
+        grid_query.index_copy_(0, groups.slots, query)
+    grid_query = grid_query.view(num_prompts, group_size, kv_heads, per_kv, head_dim).transpose(1, 2)
+    grid_query = grid_query.reshape(num_prompts, kv_heads, group_size * per_kv, head_dim)
+    prompt_scores = torch.matmul(grid_query, prompt_keys.transpose(-1, -2)).float() * scaling + groups.pad_bias
+    prompt_lse = torch.logsumexp(prompt_scores, dim=-1, keepdim=True)
+    prompt_out = torch.matmul((prompt_scores - prompt_lse).exp().to(prompt_values.dtype), prompt_values)
+
+    def to_rows(grid: Tensor) -> Tensor:  # [B', kv_heads, G * per_kv, x] -> [n, kv_heads, per_kv, x]
+        grid = grid.view(num_prompts, kv_heads, group_size, per_kv, -1).transpose(1, 2)
+        grid = grid.reshape(num_prompts * group_size, kv_heads, per_kv, grid.shape[-1])
+        return grid if groups.slots is None else grid.index_select(0, groups.slots)
+
+    prompt_out, prompt_lse = to_rows(prompt_out), to_rows(prompt_lse)
+
+    # Generated part: each row against its own generated tokens.
+    generated_scores = torch.matmul(query, key.transpose(-1, -2)).float() * scaling
+    generated_lse = torch.logsumexp(generated_scores, dim=-1, keepdim=True)
+    generated_out = torch.matmul((generated_scores - generated_lse).exp().to(value.dtype), value)
+
+    # Exact merge of the two softmax blocks.
+    total_lse = torch.logaddexp(prompt_lse, generated_lse)
+    output = prompt_out.float() * (prompt_lse - total_lse).exp() + generated_out.float() * (generated_lse - total_lse).exp()
+    return output.to(query.dtype).reshape(rows, 1, heads, head_dim), None
+
+
+class SharedPrefixDecoder:
+    """Prompt keys/values stored once per prompt; generated ones per row (see the module docstring)."""
+
+    def __init__(self, causal_lm: torch.nn.Module, group_size: int, max_new_tokens: int) -> None:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(SHARED_PREFIX_ATTENTION, shared_prefix_attention)
+        self.causal_lm, self.group_size, self.max_new_tokens = causal_lm, group_size, max_new_tokens
+
+    @staticmethod
+    def supports(causal_lm: torch.nn.Module) -> bool:
+        """Decoder-only families known to route attention through transformers' interface, with
+        full (not sliding-window) attention in every layer."""
+        config = causal_lm.config
+        if getattr(config, "model_type", None) not in SHARED_PREFIX_MODEL_TYPES:
+            return False
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types is not None:
+            return all(layer_type == "full_attention" for layer_type in layer_types)
+        return getattr(config, "sliding_window", None) is None
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.causal_lm.config)
+        logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                position_ids=position_ids_from_mask(prompt_mask), past_key_values=cache,
+                                use_cache=True, logits_to_keep=1).logits[:, -1]
+        pad_bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
+        pad_bias = pad_bias.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]
+        self.groups = _PromptGroups(keys=[layer.keys for layer in cache.layers],
+                                    values=[layer.values for layer in cache.layers],
+                                    pad_bias=pad_bias, group_size=self.group_size, slots=None)
+        self.num_layers = len(cache.layers)
+        self.generated = _GeneratedKeyValues(self.num_layers, self.max_new_tokens)
+        self.next_position = prompt_mask.sum(-1).repeat_interleave(self.group_size)
+        return logits.repeat_interleave(self.group_size, dim=0)
+
+    def step(self, tokens: Tensor) -> Tensor:
+        config = self.causal_lm.config
+        previous_attention = config._attn_implementation
+        config._attn_implementation = SHARED_PREFIX_ATTENTION
+        calls_before = self.groups.calls
+        try:
+            masks = {"full_attention": self.groups, "sliding_attention": self.groups}
+            logits = self.causal_lm(input_ids=tokens.unsqueeze(-1), attention_mask=masks,
+                                    position_ids=self.next_position.unsqueeze(-1),
+                                    past_key_values=self.generated, use_cache=True, logits_to_keep=1).logits[:, -1]
+        finally:
+            config._attn_implementation = previous_attention
+        if self.groups.calls - calls_before != self.num_layers:
+            raise RuntimeError(f"{type(self.causal_lm).__name__} did not route its attention through the "
+                               f"shared-prefix attention; use SamplingConfig(share_prefix=False)")
+        self.generated.length += 1
+        self.next_position = self.next_position + 1
+        return logits
+
+    def keep(self, rows: Tensor) -> None:
+        groups = self.groups
+        slots = rows if groups.slots is None else groups.slots.index_select(0, rows)
+        self.generated.keep(rows)
+        self.next_position = self.next_position[rows]
+        # Drop prompts none of whose samples still run, and renumber the slots of the rest.
+        prompt_of_row = torch.div(slots, groups.group_size, rounding_mode="floor")
+        live_prompts = torch.unique(prompt_of_row)
+        if live_prompts.numel() < groups.keys[0].shape[0]:
+            renumber = torch.full((groups.keys[0].shape[0],), -1, dtype=torch.long, device=slots.device)
+            renumber[live_prompts] = torch.arange(live_prompts.numel(), device=slots.device)
+            slots = renumber[prompt_of_row] * groups.group_size + slots % groups.group_size
+            groups.keys = [keys.index_select(0, live_prompts) for keys in groups.keys]
+            groups.values = [values.index_select(0, live_prompts) for values in groups.values]
+            groups.pad_bias = groups.pad_bias.index_select(0, live_prompts)
+        full_grid = slots.numel() == groups.keys[0].shape[0] * groups.group_size
+        groups.slots = None if full_grid else slots
+
+
+# ----------------------------------------------------------------------------------------------
+# Rollout mode: eval, training flags restored, fp32 LoRA folded into the base weights
+# ----------------------------------------------------------------------------------------------
+
+
+def _foldable_lora_layers(model: torch.nn.Module) -> list[Any]:
+    """Plain LoRA Linear layers with one enabled, unmerged, fp32 adapter (others are left alone)."""
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # peft not installed: nothing to fold
+        return []
+    layers = []
+    for module in model.modules():
+        if not isinstance(module, LoraLinear) or module.disable_adapters or module.merged:
+            continue
+        active = [name for name in module.active_adapters if name in module.lora_A]
+        if len(active) != 1 or active[0] in getattr(module, "lora_variant", {}):
+            continue
+        if getattr(module, "lora_bias", {}).get(active[0], False):
+            continue
+        if module.base_layer.weight.dtype != torch.float32 or module.lora_A[active[0]].weight.dtype != torch.float32:
+            continue
+        layers.append((module, active[0]))
+    return layers
+
+
+@contextlib.contextmanager
+def rollout_mode(model: torch.nn.Module, *, fold_lora: bool) -> Iterator[None]:
+    """Eval mode (training flags of every module restored on exit) and, with `fold_lora`, fp32
+    LoRA adapters folded into new base weight tensors (the original tensors are put back)."""
+    training_flags = [(module, module.training) for module in model.modules()]
+    folded: list[tuple[Any, Tensor]] = []
+    model.eval()
+    try:
+        if fold_lora:
+            with torch.no_grad():
+                for layer, adapter in _foldable_lora_layers(model):
+                    original = layer.base_layer.weight.data
+                    layer.base_layer.weight.data = original + layer.get_delta_weight(adapter)
+                    folded.append((layer, original))
+                    # The layer now computes base_layer(x) only; peft's private flag avoids
+                    # enable_adapters(), which would also flip requires_grad on the adapter.
+                    layer._disable_adapters = True
+        yield
+    finally:
+        for layer, original in folded:
+            layer.base_layer.weight.data = original
+            layer._disable_adapters = False
+        for module, training in training_flags:
+            module.training = training
+
+
+# ----------------------------------------------------------------------------------------------
+# generate
+# ----------------------------------------------------------------------------------------------
 
 
 def _validate(prompts: Sequence[Sequence[int]], stop_token_ids: Sequence[int],
@@ -176,22 +505,14 @@ def _validate(prompts: Sequence[Sequence[int]], stop_token_ids: Sequence[int],
             raise ValueError(f"stop token id {token} is outside the model's vocabulary [0, {vocab_size})")
 
 
-def _capture_training_flags(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
-    return [(module, module.training) for module in model.modules()]
-
-
-def _restore_training_flags(flags: list[tuple[torch.nn.Module, bool]]) -> None:
-    for module, training in flags:
-        module.training = training
-
-
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
              pad_token_id: int, stop_token_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]] = (),
              generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample `config.group_size` completions for each prompt (token id lists); see the module docstring.
 
     Returns the Rollout and metrics: `rollout/tokens` (generated tokens, stopping tokens
-    included), `rollout/tokens_per_s`, `rollout/prefill_s`, `rollout/decode_s`, `rollout/steps`.
+    included), `rollout/tokens_per_s` (over prefill and decode), `rollout/prefill_s`,
+    `rollout/decode_s`, `rollout/steps` (decode forward passes run).
     """
     causal_lm = causal_lm_of(model)
     vocab_size = getattr(causal_lm.config, "vocab_size", None)
@@ -221,62 +542,41 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: S
     if max_new_tokens == 0:
         return pack(), metrics
 
-    from transformers import DynamicCache
+    shared = config.share_prefix and SharedPrefixDecoder.supports(causal_lm)
+    decoder_class = SharedPrefixDecoder if shared else RepeatedCacheDecoder
+    with rollout_mode(model, fold_lora=config.merge_lora), torch.inference_mode():
+        start = time.perf_counter()
+        decoder = decoder_class(causal_lm, group_size, max_new_tokens)
+        logits = decoder.prefill(prompt_ids, prompt_mask)
+        prefill_end = time.perf_counter()
 
-    training_flags = _capture_training_flags(model)
-    model.eval()
-    try:
-        with torch.inference_mode():
-            # Prefill: each prompt once, logits of its last position only.
-            start = time.perf_counter()
-            cache = DynamicCache(config=causal_lm.config)
-            logits = causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
-                               position_ids=position_ids_from_mask(prompt_mask), past_key_values=cache,
-                               use_cache=True, logits_to_keep=1).logits[:, -1]
-            # Share each prompt's cache among its G samples: row b*G + g <- prompt b.
-            cache.batch_repeat_interleave(group_size)
-            logits = logits.repeat_interleave(group_size, dim=0)
-            prefill_end = time.perf_counter()
+        rows = torch.arange(num_rows, device=device)  # decode-batch row -> output row
+        steps = 0
+        for step in range(max_new_tokens):
+            banned = stop_ids if step < config.min_new_tokens and stop_ids.numel() else None
+            tokens, token_logprobs = sample_tokens(logits, config, generator, banned)
+            completion_ids[rows, step] = tokens
+            completion_mask[rows, step] = 1
+            sampling_logprobs[rows, step] = token_logprobs
 
-            # State of the rows still decoding: `rows` maps decode-batch row -> output row.
-            rows = torch.arange(num_rows, device=device)
-            # Attention over [prompt | generated]; a step reads the first P + step + 1 columns.
-            attention = torch.cat([prompt_mask.repeat_interleave(group_size, dim=0),
-                                   torch.ones((num_rows, max_new_tokens), dtype=torch.long, device=device)], dim=1)
-            next_position = prompt_mask.sum(-1).repeat_interleave(group_size)  # [n] position of the next token
-            prompt_length = prompt_ids.shape[1]
-            steps = 0
-            for step in range(max_new_tokens):
-                banned = stop_ids if step < config.min_new_tokens and stop_ids.numel() else None
-                tokens, token_logprobs = sample_tokens(logits, config, generator, banned)
-                completion_ids[rows, step] = tokens
-                completion_mask[rows, step] = 1
-                sampling_logprobs[rows, step] = token_logprobs
-                steps += 1
-
-                stopped = torch.isin(tokens, stop_ids) if stop_ids.numel() else torch.zeros_like(tokens, dtype=torch.bool)
-                if stop_tensors and step + 1 >= config.min_new_tokens:
-                    window_start = max(0, step + 1 - longest_stop)
-                    stopped |= _ends_with_stop_sequence(completion_ids[rows, window_start:step + 1], stop_tensors)
-                if step + 1 == max_new_tokens:
-                    finished[rows] = stopped
+            stopped = torch.isin(tokens, stop_ids) if stop_ids.numel() else torch.zeros_like(tokens, dtype=torch.bool)
+            if stop_tensors and step + 1 >= config.min_new_tokens:
+                window_start = max(0, step + 1 - longest_stop)
+                stopped |= _ends_with_stop_sequence(completion_ids[rows, window_start:step + 1], stop_tensors)
+            if step + 1 == max_new_tokens:
+                finished[rows] = stopped
+                break
+            if stopped.any():
+                finished[rows[stopped]] = True
+                keep = (~stopped).nonzero().squeeze(-1)
+                if keep.numel() == 0:
                     break
-                if stopped.any():
-                    finished[rows[stopped]] = True
-                    keep = (~stopped).nonzero().squeeze(-1)
-                    if keep.numel() == 0:
-                        break
-                    # Drop finished rows from the decode batch and the cache: they cost nothing more.
-                    cache.batch_select_indices(keep)
-                    rows, tokens = rows[keep], tokens[keep]
-                    attention, next_position = attention[keep], next_position[keep]
-                logits = causal_lm(input_ids=tokens.unsqueeze(-1),
-                                   attention_mask=attention[:, :prompt_length + step + 1],
-                                   position_ids=(next_position + step).unsqueeze(-1), past_key_values=cache,
-                                   use_cache=True, logits_to_keep=1).logits[:, -1]
-            decode_end = time.perf_counter()
-    finally:
-        _restore_training_flags(training_flags)
+                # Finished rows leave the decode batch and the cache: they cost nothing more.
+                decoder.keep(keep)
+                rows, tokens = rows[keep], tokens[keep]
+            logits = decoder.step(tokens)
+            steps += 1
+        decode_end = time.perf_counter()
 
     generated = float(completion_mask.sum())
     metrics.update({

@@ -41,6 +41,16 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"
             "</tool_call>", "<answer>", "</answer>"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine OpenMP
+    threads waiting for each other make them many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def build_word_tokenizer():
     """A word-level tokenizer over a few dozen words with the project's special tokens."""
     from tokenizers import Tokenizer, models, pre_tokenizers

@@ -23,6 +23,16 @@ from tests.test_policy import QWEN3_TOKENIZER, SMALL_LORA, TINY, build_word_toke
 PROMPT_LENGTHS = (3, 7, 12)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine OpenMP
+    threads waiting for each other make them many times slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def varied_model(tokenizer, seed: int = 0):
     model = build_tiny_model(tokenizer, TINY, seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)
@@ -84,8 +94,8 @@ def run(model, prompts, tokenizer, *, stop_token_ids=(), stop_sequences=(), seed
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("vocabulary", ["words", "qwen3"])
-def test_greedy_equals_transformers_generate_per_prompt(vocabulary, word_tokenizer):
+@pytest.mark.parametrize("vocabulary,share_prefix", [("words", True), ("words", False), ("qwen3", True)])
+def test_greedy_equals_transformers_generate_per_prompt(vocabulary, share_prefix, word_tokenizer):
     if vocabulary == "qwen3" and not QWEN3_TOKENIZER.is_dir():
         pytest.skip(f"the Qwen3 tokenizer is not at {QWEN3_TOKENIZER}")
     tokenizer = word_tokenizer if vocabulary == "words" else make_tokenizer()
@@ -99,7 +109,7 @@ def test_greedy_equals_transformers_generate_per_prompt(vocabulary, word_tokeniz
     eos_ids = [stop_id, tokenizer.eos_token_id]
 
     rollout, metrics = run(model, prompts, tokenizer, stop_token_ids=eos_ids, greedy=True, group_size=3,
-                           max_new_tokens=max_new_tokens)
+                           max_new_tokens=max_new_tokens, share_prefix=share_prefix)
     assert rollout.completion_ids.shape == (3, 3, max_new_tokens)
     stopped_early = False
     for index, prompt in enumerate(prompts):
@@ -113,6 +123,8 @@ def test_greedy_equals_transformers_generate_per_prompt(vocabulary, word_tokeniz
             assert (rollout.completion_ids[index, sample, length:] == tokenizer.pad_token_id).all()
             assert bool(rollout.finished[index, sample]) == (expected[-1] in eos_ids)
         stopped_early |= len(expected) < max_new_tokens
+    # Prompt 0's whole group stops after 3 tokens while the others go on: the decoder drops rows
+    # and prompts from its batch and cache mid-rollout.
     assert stopped_early and len(completion(rollout, 0, 0)) == 3
     assert metrics["rollout/tokens"] == float(rollout.completion_mask.sum())
 
@@ -124,6 +136,48 @@ def test_greedy_on_fresh_lora_policy_equals_plain_model(word_tokenizer, word_mod
     plain, _ = run(word_model, word_prompts, word_tokenizer, greedy=True)
     with_lora, _ = run(policy.model, word_prompts, word_tokenizer, greedy=True)
     assert torch.equal(plain.completion_ids, with_lora.completion_ids)
+
+
+def test_lora_folding_and_cache_sharing_do_not_change_the_samples(word_tokenizer, word_model, word_prompts):
+    import copy
+
+    from grpo.policy import reference_mode
+
+    policy = policy_from_model(copy.deepcopy(word_model), word_tokenizer, base="unused", lora=SMALL_LORA)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    lora_layers = [module for module in policy.model.modules() if hasattr(module, "lora_A")]
+    weights_before = [(layer.base_layer.weight, layer.base_layer.weight.data.clone()) for layer in lora_layers]
+    data_before = [layer.base_layer.weight.data_ptr() for layer in lora_layers]
+    trainable_before = [name for name, parameter in policy.model.named_parameters() if parameter.requires_grad]
+
+    stops = [word_tokenizer.convert_tokens_to_ids("the")]
+    results = {}
+    for merge_lora in (True, False):
+        for share_prefix in (True, False):
+            results[merge_lora, share_prefix], _ = run(
+                policy.model, word_prompts, word_tokenizer, stop_token_ids=stops, seed=9, group_size=4,
+                merge_lora=merge_lora, share_prefix=share_prefix)
+    reference = results[False, False]
+    for key, rollout in results.items():
+        assert torch.equal(rollout.completion_ids, reference.completion_ids), key
+        torch.testing.assert_close(rollout.sampling_logprobs, reference.sampling_logprobs, atol=1e-4, rtol=1e-4)
+    # The adapter matters here (so folding it in was really exercised) ...
+    plain, _ = run(word_model, word_prompts, word_tokenizer, stop_token_ids=stops, seed=9, group_size=4)
+    assert not torch.equal(plain.completion_ids, reference.completion_ids)
+    # ... and the policy is exactly as before: same weight tensors, values, flags, trainable set.
+    for layer, (parameter, values) in zip(lora_layers, weights_before):
+        assert layer.base_layer.weight is parameter and torch.equal(parameter.data, values)
+        assert not layer.disable_adapters
+    assert [layer.base_layer.weight.data_ptr() for layer in lora_layers] == data_before
+    assert trainable_before == [name for name, parameter in policy.model.named_parameters() if parameter.requires_grad]
+    # Under reference_mode (adapter off) nothing is folded in: the rollout is the base model's.
+    with reference_mode(policy):
+        in_reference, _ = run(policy.model, word_prompts, word_tokenizer, stop_token_ids=stops, seed=9, group_size=4)
+    assert torch.equal(in_reference.completion_ids, plain.completion_ids)
 
 
 def test_top_k_one_equals_greedy(word_tokenizer, word_model, word_prompts):
