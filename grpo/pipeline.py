@@ -45,7 +45,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "grpo": {"max_steps": 40, "prompts_per_step": 4, "group_size": 8, "rollout_batch_prompts": 4,
                  "max_new_tokens": 96, "lr": 5e-4, "save_every": 20, "max_prompt_length": 768, "sample_every": 5,
                  "train_micro_batch": 16},
-        "eval": {"limit": 200, "batch_size": 16, "max_new_tokens": 96},
+        "eval": {"limit": 200, "batch_size": 16, "max_new_tokens": 96, "max_prompt_length": 768},
     },
     "smoke": {
         "tiny": {"vocab_size": 512, "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
@@ -56,7 +56,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                       "eval_every": 0, "val_fraction": 0.0, "max_length": 768},
         "grpo": {"max_steps": 2, "prompts_per_step": 2, "group_size": 4, "rollout_batch_prompts": 2,
                  "max_new_tokens": 24, "lr": 5e-4, "save_every": 0, "max_prompt_length": 768, "sample_every": 1},
-        "eval": {"limit": 8, "batch_size": 8, "max_new_tokens": 24},
+        "eval": {"limit": 8, "batch_size": 8, "max_new_tokens": 24, "max_prompt_length": 768},
     },
 }
 
