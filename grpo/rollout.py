@@ -295,7 +295,7 @@ class _GeneratedKeyValues:
 @dataclass
 class _PromptGroups:
     """The prompts' keys and values, once per prompt, and where each decode row sits in the
-    [prompts, G] grid.  Passed to the attention function in place of the attention mask."""
+    [prompts, G] grid.  Passed to the attention function as the keyword `prompt_groups`."""
 
     keys: list[Tensor]  # per layer [B', kv_heads, P, head_dim]
     values: list[Tensor]  # per layer [B', kv_heads, P, head_dim]
@@ -307,14 +307,16 @@ class _PromptGroups:
 
 def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                             attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
-                            **kwargs: Any) -> tuple[Tensor, None]:
+                            prompt_groups: _PromptGroups | None = None, **kwargs: Any) -> tuple[Tensor, None]:
     """Decode attention of one new token per row over [its prompt | its generated tokens].
 
     query [n, heads, 1, d]; key/value [n, kv_heads, t, d]: the row's generated tokens (the new one
-    included); `attention_mask` is the `_PromptGroups`.  Returns [n, 1, heads, d].  Heads are
-    grouped by key/value head (grouped-query attention: head h reads kv head h // (heads/kv_heads)).
+    included); `prompt_groups` holds the prompts' keys and values (the attention mask is unused:
+    every generated token of a running row is visible, prompt pads are in the groups' bias).
+    Returns [n, 1, heads, d].  Heads are grouped by key/value head (grouped-query attention: head
+    h reads kv head h // (heads / kv_heads)).
     """
-    groups = attention_mask
+    groups = prompt_groups
     if not isinstance(groups, _PromptGroups) or query.shape[2] != 1:
         raise RuntimeError("shared_prefix_attention only serves the rollout's one-token decode steps")
     groups.calls += 1
@@ -399,10 +401,11 @@ class SharedPrefixDecoder:
         config._attn_implementation = SHARED_PREFIX_ATTENTION
         calls_before = self.groups.calls
         try:
-            masks = {"full_attention": self.groups, "sliding_attention": self.groups}
-            logits = self.causal_lm(input_ids=tokens.unsqueeze(-1), attention_mask=masks,
-                                    position_ids=self.next_position.unsqueeze(-1),
-                                    past_key_values=self.generated, use_cache=True, logits_to_keep=1).logits[:, -1]
+            # No attention mask: transformers skips building one for a registered custom attention,
+            # and the prompt groups reach the attention function as a keyword argument.
+            logits = self.causal_lm(input_ids=tokens.unsqueeze(-1), attention_mask=None,
+                                    position_ids=self.next_position.unsqueeze(-1), past_key_values=self.generated,
+                                    use_cache=True, logits_to_keep=1, prompt_groups=self.groups).logits[:, -1]
         finally:
             config._attn_implementation = previous_attention
         if self.groups.calls - calls_before != self.num_layers:

@@ -129,6 +129,34 @@ def test_greedy_equals_transformers_generate_per_prompt(vocabulary, share_prefix
     assert metrics["rollout/tokens"] == float(rollout.completion_mask.sum())
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "gemma2"])
+def test_greedy_equals_generate_on_other_architectures(family):
+    """Other policy models: llama takes the shared-prefix path; mistral (sliding-window config) and
+    gemma2 (sliding layers, soft-capped logits) take the repeated-cache path."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
+    }[family]
+    config = config_class(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=2, intermediate_size=64, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = model_class(config)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() == 2:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.15)
+    prompts = random_prompts(200, lengths=(4, 9), seed=2)
+    rollout, _ = generate(model, prompts, SamplingConfig(group_size=2, max_new_tokens=8, greedy=True),
+                          pad_token_id=0, stop_token_ids=[1])
+    for index, prompt in enumerate(prompts):
+        assert completion(rollout, index, 1) == hf_greedy(model, prompt, 8, [1], 0), (family, index)
+
+
 def test_greedy_on_fresh_lora_policy_equals_plain_model(word_tokenizer, word_model, word_prompts):
     import copy
 
