@@ -47,7 +47,10 @@ def _fsync_tree(directory: Path) -> None:
 def write_checkpoint(run_dir: str | Path, step: int, write_fn: Callable[[Path], None], *, keep_last: int = 0) -> Path:
     """Call `write_fn(tmp_dir)` and atomically publish the result as the checkpoint of `step`.
 
-    keep_last > 0 deletes older checkpoints beyond the newest `keep_last` (after publishing).
+    If `write_fn` raises, the temporary directory is removed and nothing is published (`latest`
+    still names the previous checkpoint).  keep_last > 0 deletes, after publishing, the
+    checkpoints of earlier steps beyond the newest `keep_last` (this one included); the checkpoint
+    just written is never deleted, even when a stale run left checkpoints of later steps.
     """
     root = checkpoints_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -56,8 +59,12 @@ def write_checkpoint(run_dir: str | Path, step: int, write_fn: Callable[[Path], 
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write_fn(tmp)
-    _fsync_tree(tmp)
+    try:
+        write_fn(tmp)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -67,7 +74,10 @@ def write_checkpoint(run_dir: str | Path, step: int, write_fn: Callable[[Path], 
         os.fsync(handle.fileno())
     os.replace(latest_tmp, root / "latest")
     if keep_last > 0:
-        for old in list_checkpoints(run_dir)[:-keep_last]:
+        # Only earlier steps: sorting by name alone would delete the checkpoint just written when a
+        # fresh run (no --resume) saves step 2 into a directory that still holds step 40.
+        earlier = [path for path in list_checkpoints(run_dir) if path.name < final.name]
+        for old in earlier[: max(0, len(earlier) - (keep_last - 1))]:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
