@@ -83,6 +83,22 @@ def _check_value(cls_fields: dict[str, dataclasses.Field], name: str, value: Any
     return value
 
 
+def check_ranges(config: Any, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = ()) -> None:
+    """Raise ValueError naming the flag of the first field outside its range.
+
+    Config dataclasses call this from `__post_init__`, so a bad value fails at once with the flag's
+    name (`parse_config` prints it as a usage error) instead of deep inside the training loop.
+    None (an unset optional field) is always accepted.
+    """
+    for names, bad, wanted in ((at_least_one, lambda v: v < 1, ">= 1"), (non_negative, lambda v: v < 0, ">= 0"),
+                               (positive, lambda v: not v > 0, "> 0")):
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and bad(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {wanted}, got {value}")
+
+
 def load_toml(cls: type[T], path: str | Path) -> dict[str, Any]:
     """The fields set in a TOML file (top-level keys; dashes or underscores), checked against `cls`."""
     if tomllib is None:
@@ -128,7 +144,9 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     for f in dataclasses.fields(cls):
         kind, optional = _base_type(f.type)
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        choices = f.metadata.get("choices")
+        one_of = f"; one of {', '.join(map(str, choices))}" if choices else ""
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r}{one_of})"
         if kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:

@@ -7,11 +7,10 @@
     python -m grpo.train --model Qwen/Qwen3-1.7B --data apigen-mt-5k.json --out runs/qwen  # from a plain model
     python -m grpo.train --model tiny --max-steps 3 --out runs/try                        # GRPO alone on a fresh tiny model
     python -m grpo.train --config run.toml --resume        # flags from a TOML file; continue the newest checkpoint
-    torchrun --nproc_per_node 2 -m grpo.train --init ... # data parallel (see README)
 
-With --init or --model this runs GRPO alone (grpo/trainer.py); without either it runs the
-pipeline (grpo/pipeline.py).  `--help` lists the GRPO flags; `--preset default --help` the
-pipeline's.
+With --init or --model (given as flags or in the --config file) this runs GRPO alone
+(grpo/trainer.py); without either it runs the pipeline (grpo/pipeline.py).  `--help` lists the
+GRPO flags; `--preset default --help` the pipeline's.
 """
 
 from __future__ import annotations
@@ -22,10 +21,31 @@ from grpo.config import parse_config
 from grpo.trainer import GRPOConfig, train
 
 
+def _config_file_names_start(argv: list[str]) -> bool:
+    """Whether `--config FILE.toml` sets `init` or `model` (then the run is GRPO alone, as with the flags)."""
+    path = None
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            path = argv[index + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+    if path is None:
+        return False
+    try:
+        import tomllib
+
+        with open(path, "rb") as handle:
+            keys = {key.replace("-", "_") for key in tomllib.load(handle)}
+    except (OSError, ValueError, ImportError):
+        return False  # the parser that reads the file reports the problem
+    return bool(keys & {"init", "model"})
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     flags = {arg.split("=")[0] for arg in argv}
-    grpo_only = bool(flags & {"--init", "--model"}) or (bool(flags & {"--help", "-h"}) and "--preset" not in flags)
+    grpo_only = (bool(flags & {"--init", "--model"}) or _config_file_names_start(argv)
+                 or (bool(flags & {"--help", "-h"}) and "--preset" not in flags))
     if not grpo_only:
         from grpo.pipeline import main as pipeline_main
 

@@ -4,7 +4,6 @@
     python -m sft.train --stage coldstart --init runs/base/checkpoints/step-000300 --out runs/coldstart
     python -m sft.train --stage base --model Qwen/Qwen3-1.7B --data apigen-mt-5k.json --out runs/qwen-base
     python -m sft.train --config sft.toml --resume
-    torchrun --nproc_per_node 2 -m sft.train ...                                                # data parallel
 
 `base` trains on every assistant turn with an empty think block; `coldstart` only on the turns
 that carry written reasoning (the synthetic cold-start split has at most 100) and continues from
