@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -476,9 +476,3 @@ def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Te
     entropy = torch.cat(entropy_chunks, dim=1) if len(entropy_chunks) > 1 else entropy_chunks[0]
     return logprobs, entropy
 
-
-def lora_settings_dict(settings: LoraSettings) -> dict[str, Any]:
-    """A JSON-friendly dict of the settings (for configs written into checkpoints)."""
-    values = asdict(settings)
-    values["target_modules"] = list(settings.target_modules)
-    return values

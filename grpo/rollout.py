@@ -270,7 +270,6 @@ class _GeneratedKeyValues:
         self.capacity, self.length = capacity, 0
         self.keys: list[Tensor | None] = [None] * num_layers
         self.values: list[Tensor | None] = [None] * num_layers
-        self.updates = 0
 
     def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args: Any, **kwargs: Any
                ) -> tuple[Tensor, Tensor]:
@@ -280,7 +279,6 @@ class _GeneratedKeyValues:
             self.values[layer_idx] = value_states.new_empty((rows, kv_heads, self.capacity, value_states.shape[-1]))
         self.keys[layer_idx][:, :, self.length] = key_states[:, :, 0]
         self.values[layer_idx][:, :, self.length] = value_states[:, :, 0]
-        self.updates += 1
         end = self.length + 1
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
@@ -439,7 +437,7 @@ class SharedPrefixDecoder:
 # ----------------------------------------------------------------------------------------------
 
 
-def _foldable_lora_layers(model: torch.nn.Module) -> list[Any]:
+def _foldable_lora_layers(model: torch.nn.Module) -> list[tuple[Any, str]]:
     """Plain LoRA Linear layers with one enabled, unmerged, fp32 adapter (others are left alone)."""
     try:
         from peft.tuners.lora.layer import Linear as LoraLinear
