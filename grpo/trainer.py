@@ -25,7 +25,7 @@ import torch
 
 from grpo.advantages import advantage_stats, group_advantages
 from grpo.checkpoint import latest_checkpoint, resume_training, save_training_checkpoint, write_json
-from grpo.config import config_to_dict, field
+from grpo.config import check_ranges, config_to_dict, field
 from grpo.loss import policy_loss
 from grpo.policy import LoraSettings, Policy, load_policy, reference_mode, token_logprobs
 from grpo.rollout import SamplingConfig, generate
@@ -95,7 +95,18 @@ class GRPOConfig:
     w_format: float = field(1.0, "weight of the format reward")
     w_length: float = field(1.0, "weight of the thinking-length reward")
 
-
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least_one=(
+            "group_size", "prompts_per_step", "rollout_batch_prompts", "max_new_tokens", "mu", "train_micro_batch",
+            "log_every", "max_bad_steps", "max_prompt_length", "lora_r"),
+            non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k",
+                          "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm", "lora_dropout"),
+            positive=("temperature",))
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.group_size < 2:
+            # One completion per group has no spread to compare: every advantage would be 0.
+            raise ValueError(f"--group-size must be >= 2 (GRPO compares completions of a prompt), got {self.group_size}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,7 +428,7 @@ def load_start_policy(config: GRPOConfig, device: torch.device, dtype: torch.dty
         from grpo.tiny import prepare_tiny_base
 
         base = prepare_tiny_base(Path(config.out) / "base-tiny", seed=config.seed, vocab_size=config.tiny_vocab_size)
-        log(f"tiny base model at {base} (random weights, tokenizer trained on {config.data})")
+        log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
         model = str(base)
     return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
 
@@ -455,61 +466,71 @@ def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], li
     reward_fn = reward_fn or make_reward_fn(config)
     prompts = build_prompts(config, policy.tokenizer, log)
 
-    start_step = 0
+    start_step, skipped_steps = 0, 0
     if resume_from is not None:
         state = resume_training(resume_from, policy=policy, optimizer=optimizer)
         generator.set_state(state["generator"])
         start_step = int(state["step"])
+        skipped_steps = int(state.get("skipped_steps", 0))
         log(f"resumed from {resume_from} at step {start_step}")
 
     def save(step: int) -> Path:
         path = save_training_checkpoint(run_dir, step, policy=policy, optimizer=optimizer, config=config,
-                                        extra={"generator": generator.get_state()}, keep_last=config.keep_checkpoints)
+                                        extra={"generator": generator.get_state(), "skipped_steps": skipped_steps},
+                                        keep_last=config.keep_checkpoints)
         log(f"checkpoint {path}")
         return path
 
-    bad_steps = 0
+    bad_steps = 0  # consecutive steps with a non-finite loss
     progress = tqdm(total=config.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
     batches_iter = prompt_batches(len(prompts), config.prompts_per_step, seed=config.seed, start_step=start_step)
     step = start_step
-    with StopRequest() as stop:
-        for step, indices in batches_iter:
-            if step >= config.max_steps or stop:
-                break
-            began = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=config.max_steps,
-                                    schedule=config.lr_schedule)
-            step_prompts = [prompts[i] for i in indices]
-            batches, rewards, metrics, records = rollout_and_score(
-                policy, step_prompts, config, generator=generator, reward_fn=reward_fn, device=device,
-            )
-            if not torch.isfinite(rewards).any():
-                save(step)
-                raise SystemExit(f"step {step}: every reward is NaN or infinite; stopping instead of training on garbage")
-            metrics.update(policy_update(policy, batches, config, optimizer, reference_policy=reference_policy))
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-            metrics["time/step_s"] = time.perf_counter() - began
-            if metrics["nonfinite_loss"]:
-                bad_steps += 1
-                log(f"step {step}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
-                if bad_steps >= config.max_bad_steps:
-                    raise SystemExit(f"stopping: {bad_steps} consecutive steps with a non-finite loss (see {run_dir}/log.txt)")
-            else:
-                bad_steps = 0
-            if step % config.log_every == 0:
-                logger.log(step + 1, metrics)
-            if config.sample_every and step % config.sample_every == 0:
-                logger.write_jsonl("samples.jsonl", [{"step": step + 1, **r} for r in records[: min(4, len(records))]])
-            progress.update(1)
-            progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics.get('reward/accuracy', 0):.2f}",
-                                 len=f"{metrics['completion/length_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
-            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
-                save(step + 1)
-    progress.close()
-    final_step = step  # the first step not taken
-    save(final_step)
-    logger.close()
+    try:
+        with StopRequest() as stop:
+            for step, indices in batches_iter:
+                if step >= config.max_steps or stop:
+                    break
+                began = time.perf_counter()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps,
+                                        total_steps=config.max_steps, schedule=config.lr_schedule)
+                step_prompts = [prompts[i] for i in indices]
+                batches, rewards, metrics, records = rollout_and_score(
+                    policy, step_prompts, config, generator=generator, reward_fn=reward_fn, device=device,
+                )
+                if not torch.isfinite(rewards).any():
+                    save(step)
+                    raise SystemExit(f"step {step + 1}: every reward is NaN or infinite (the reward function could "
+                                     "not score any completion); stopping instead of training on garbage")
+                metrics.update(policy_update(policy, batches, config, optimizer, reference_policy=reference_policy))
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                metrics["time/step_s"] = time.perf_counter() - began
+                if metrics["nonfinite_loss"]:
+                    bad_steps += 1
+                    skipped_steps += 1
+                    log(f"step {step + 1}: non-finite loss or gradient, step skipped ({bad_steps} in a row)")
+                    if bad_steps >= config.max_bad_steps:
+                        logger.log(step + 1, {**metrics, "train/skipped_steps": skipped_steps})
+                        raise SystemExit(f"stopping: {bad_steps} consecutive steps with a non-finite loss or gradient "
+                                         f"(--max-bad-steps {config.max_bad_steps}; see {run_dir}/log.txt)")
+                else:
+                    bad_steps = 0
+                metrics["train/skipped_steps"] = skipped_steps
+                # Logged after every log_every-th step (counting from 1) and after the last one.
+                if (step + 1) % config.log_every == 0 or step + 1 == config.max_steps:
+                    logger.log(step + 1, metrics)
+                if config.sample_every and step % config.sample_every == 0:
+                    logger.write_jsonl("samples.jsonl", [{"step": step + 1, **r} for r in records[: min(4, len(records))]])
+                progress.update(1)
+                progress.set_postfix(reward=f"{metrics['reward/mean']:.3f}", acc=f"{metrics.get('reward/accuracy', 0):.2f}",
+                                     len=f"{metrics['completion/length_mean']:.0f}", s=f"{metrics['time/step_s']:.1f}")
+                if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
+                    save(step + 1)
+        final_step = step  # the first step not taken
+        save(final_step)
+    finally:
+        progress.close()
+        logger.close()
     if stop:
         raise SystemExit(f"stopped by {stop.signal_name} at step {final_step}; resume with --resume --out {run_dir}")
     return run_dir
