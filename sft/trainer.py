@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from grpo.checkpoint import latest_checkpoint, resume_training, save_training_checkpoint, write_json
-from grpo.config import config_to_dict, field
+from grpo.config import check_ranges, config_to_dict, field
 from grpo.policy import PLAIN_HEAD_MODEL_TYPES, LoraSettings, Policy, causal_lm_of, load_policy
 from grpo.runtime import RunLogger, StopRequest, lr_at, resolve_device, resolve_dtype, seed_everything
 
@@ -76,6 +76,15 @@ class SFTConfig:
     lora_targets: str = field(LORA_TARGETS, "comma-separated module names that get LoRA")
     tiny_vocab_size: int = field(4096, "--model tiny: tokenizer vocabulary size")
 
+    def __post_init__(self) -> None:
+        check_ranges(self, at_least_one=("micro_batch", "grad_accum", "log_every", "max_length", "lora_r"),
+                     non_negative=("max_steps", "save_every", "keep_checkpoints", "eval_every", "threads",
+                                   "max_samples", "warmup_steps", "lr", "weight_decay", "max_grad_norm",
+                                   "lora_dropout"),
+                     positive=("epochs",))
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+
 
 def masked_nll_sum(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
     """(sum of -log p over loss-mask tokens, their count) for a right-padded `data.batching.Batch`.
@@ -95,6 +104,25 @@ def masked_nll_sum(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, in
         logits = causal_lm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                            position_ids=batch.position_ids, use_cache=False).logits[:, :-1][target_mask]
     return F.cross_entropy(logits.float(), targets, reduction="sum"), count
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: list[Any], device: torch.device) -> tuple[float, int]:
+    """Backward the loss of one optimizer step made of micro-`batches`; returns (loss, loss tokens).
+
+        L = sum_m masked_nll_sum(m) / T,   T = loss tokens of *all* micro-batches of the step
+
+    Each micro-batch's backward adds d(nll_m / T) to the gradients already in `.grad`, so any
+    split of the same samples into micro-batches gives the gradient of one large batch (dividing
+    each micro-batch by its own token count and averaging would weight short ones up).
+    """
+    step_tokens = sum(int(batch.loss_mask[:, 1:].sum()) for batch in batches)  # the step's normaliser
+    step_loss = 0.0
+    for batch in batches:
+        nll, _ = masked_nll_sum(model, _to_device(batch, device))
+        loss = nll / max(step_tokens, 1)
+        loss.backward()
+        step_loss += float(loss.detach())
+    return step_loss, step_tokens
 
 
 @dataclasses.dataclass
@@ -254,16 +282,10 @@ def train(config: SFTConfig) -> Path:
                                     schedule=config.lr_schedule)
             batches = [collate([data.train[i] for i in micro_batch(step * config.grad_accum + k)], pad_id)
                        for k in range(config.grad_accum)]
-            step_tokens = sum(int(b.loss_mask[:, 1:].sum()) for b in batches)  # the step's normaliser
             optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for batch in batches:
-                nll, _ = masked_nll_sum(policy.model, _to_device(batch, device))
-                loss = nll / max(step_tokens, 1)
-                loss.backward()
-                step_loss += float(loss.detach())
-                window["padding"] += int((batch.attention_mask == 0).sum())
-                window["cells"] += batch.attention_mask.numel()
+            step_loss, step_tokens = accumulate_gradients(policy.model, batches, device)
+            window["padding"] += sum(int((batch.attention_mask == 0).sum()) for batch in batches)
+            window["cells"] += sum(batch.attention_mask.numel() for batch in batches)
             if not math.isfinite(step_loss):
                 optimizer.zero_grad(set_to_none=True)
                 raise SystemExit(f"step {step}: non-finite loss {step_loss}; lower --lr (checkpoints in {run_dir})")
