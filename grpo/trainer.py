@@ -106,7 +106,8 @@ class GRPOConfig:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.group_size < 2:
             # One completion per group has no spread to compare: every advantage would be 0.
-            raise ValueError(f"--group-size must be >= 2 (GRPO compares completions of a prompt), got {self.group_size}")
+            raise ValueError(f"--group-size must be >= 2 (GRPO compares the completions of a prompt), "
+                             f"got {self.group_size}")
 
 
 # ---------------------------------------------------------------------------------------------

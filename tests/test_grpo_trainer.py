@@ -324,9 +324,26 @@ def test_beta_zero_never_enters_reference_mode(lora_policy, monkeypatch):
     assert "loss/kl_mean" not in metrics
 
 
+class PoisonedLoss:
+    """Makes the loss NaN during the given (1-based) calls of policy_update."""
+
+    def __init__(self, poisoned_steps: set[int]) -> None:
+        self.poisoned_steps, self.calls = poisoned_steps, 0
+        self.update, self.loss = trainer.policy_update, trainer.policy_loss
+
+    def policy_update(self, *args, **kwargs):
+        self.calls += 1
+        return self.update(*args, **kwargs)
+
+    def policy_loss(self, *args, **kwargs):
+        loss, metrics = self.loss(*args, **kwargs)
+        return (loss * math.nan if self.calls in self.poisoned_steps else loss), metrics
+
+
 def test_nonfinite_loss_skips_the_update(lora_policy, monkeypatch):
-    original = trainer.policy_loss
-    monkeypatch.setattr(trainer, "policy_loss", lambda *a, **k: (lambda loss, m: (loss * math.nan, m))(*original(*a, **k)))
+    poison = PoisonedLoss({1})
+    monkeypatch.setattr(trainer, "policy_loss", poison.policy_loss)
+    poison.calls = 1  # policy_update is called directly here, not through the counting wrapper
     policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
     before = [parameter.detach().clone() for parameter in trainable(policy)]
     metrics = trainer.policy_update(policy, hand_built_batches(policy.model.config.vocab_size),
@@ -368,22 +385,6 @@ def test_some_nan_rewards_are_counted_and_training_continues(tmp_path, tiny_base
     assert latest_checkpoint(out).name == "step-000002"
 
 
-class PoisonedLoss:
-    """Makes the loss NaN during the given (1-based) calls of policy_update."""
-
-    def __init__(self, poisoned_steps: set[int]) -> None:
-        self.poisoned_steps, self.calls = poisoned_steps, 0
-        self.update, self.loss = trainer.policy_update, trainer.policy_loss
-
-    def policy_update(self, *args, **kwargs):
-        self.calls += 1
-        return self.update(*args, **kwargs)
-
-    def policy_loss(self, *args, **kwargs):
-        loss, metrics = self.loss(*args, **kwargs)
-        return (loss * math.nan if self.calls in self.poisoned_steps else loss), metrics
-
-
 def test_nan_loss_step_is_skipped_and_counted(tmp_path, tiny_base, small_data, monkeypatch):
     poison = PoisonedLoss({2})
     monkeypatch.setattr(trainer, "policy_update", poison.policy_update)
@@ -403,6 +404,7 @@ def test_consecutive_nan_losses_stop_the_run(tmp_path, tiny_base, small_data, mo
     monkeypatch.setattr(trainer, "policy_loss", poison.policy_loss)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="2 consecutive steps with a non-finite loss"):
-        trainer.train(small_config(tiny_base, small_data, out, max_steps=5, max_bad_steps=2), reward_fn=scripted_rewards)
+        trainer.train(small_config(tiny_base, small_data, out, max_steps=5, max_bad_steps=2),
+                      reward_fn=scripted_rewards)
     assert poison.calls == 2
     assert [m["train/skipped_steps"] for m in read_metrics(out)] == [1, 2]
