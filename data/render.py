@@ -8,9 +8,12 @@
 The prompt goes through the tokenizer's own chat template when it has one (Qwen3:
 `apply_chat_template(messages, tools=..., add_generation_prompt=True)`), otherwise through the
 project's ChatML template below, which has the same layout as Qwen3's.  History actions are shown
-without their reasoning (as Qwen3 shows past turns): a history tool call goes through the
-template's `tool_calls` field, a history answer is `<answer>text</answer>`, tool results are
-`tool` messages (a user turn of `<tool_response>` blocks).
+without their reasoning: with a chat template a history tool call goes through the template's
+`tool_calls` field and a history answer is `<answer>text</answer>` (Qwen3 shows past turns without
+think blocks); the project's ChatML shows each history action exactly as the model writes it,
+with an empty think block, so that one rendering of a whole conversation contains every per-turn
+sample of it (`render_conversation`).  Tool results are `tool` messages (a user turn of
+`<tool_response>` blocks).
 
 The completion is tokenized on its own and appended, so `render_prompt(...)` is by construction
 the exact prefix of `render(...)` (given the same truncation), which is what the sampler needs:
@@ -183,8 +186,13 @@ def chatml_turns(turns: list[Turn], action_text: Callable[[Turn], str]) -> str:
 
 
 def chatml_prompt(system: str, tools: list[dict[str, Any]], history: list[Turn]) -> str:
-    """The project's ChatML prompt, ending with the generation prompt `<|im_start|>assistant\\n`."""
-    history_text = chatml_turns(history, lambda turn: format_action(target_of(turn)))
+    """The project's ChatML prompt, ending with the generation prompt `<|im_start|>assistant\\n`.
+
+    History actions are shown as the model writes them, with an empty think block (their
+    reasoning is never shown), so a whole conversation rendered once is token for token every
+    per-turn sample of it at once (`render_conversation`).
+    """
+    history_text = chatml_turns(history, lambda turn: format_completion(target_of(turn), None))
     return f"{chatml_system(system, tools)}{history_text}{IM_START}assistant\n"
 
 
@@ -361,3 +369,43 @@ def render_prompt(sample: Sample, tokenizer: Any, *, max_length: int | None = No
     """
     prompt, dropped = _fitting_prompt(sample, tokenizer, max_length, budget=completion_budget)
     return Rendered(input_ids=prompt, loss_mask=[0] * len(prompt), prompt_length=len(prompt), dropped_turns=dropped)
+
+
+def render_conversation(samples: list[Sample], tokenizer: Any, *, max_length: int | None = None) -> tuple[list[Rendered], int]:
+    """Pack the consecutive per-turn samples of one conversation into as few sequences as possible.
+
+    For stage-1 SFT (no reasoning) the full rendering of a conversation's last action contains
+    every earlier action, rendered exactly as that action's own completion, so one forward pass
+    can train on all of them: the loss mask is 1 on every action's completion tokens.  This is
+    exact, not approximate: each earlier sample's `render(...)` is checked to be a token prefix of
+    the packed sequence before its mask is copied in; where the check fails (a chat template that
+    shows history differently, as Qwen3's does, or a history cut to fit `max_length`) the sample is
+    rendered on its own instead.  Returns (sequences, number of samples packed into others).
+
+    `samples` must be one conversation's samples in turn order, rendered without reasoning.
+    """
+    rendered = [render(sample, tokenizer, max_length=max_length, with_reasoning=False) for sample in samples]
+    out: list[Rendered] = []
+    chain: list[Rendered] = []  # each covers the one before it; flushed as one sequence
+
+    def covers(longer: Rendered, shorter: Rendered) -> bool:
+        return (longer.dropped_turns == 0 and shorter.dropped_turns == 0
+                and len(shorter.input_ids) <= longer.prompt_length
+                and longer.input_ids[: len(shorter.input_ids)] == shorter.input_ids)
+
+    def flush() -> None:
+        last = chain[-1]
+        mask = list(last.loss_mask)
+        for earlier in chain[:-1]:
+            mask[earlier.prompt_length: len(earlier.input_ids)] = earlier.loss_mask[earlier.prompt_length:]
+        out.append(Rendered(input_ids=list(last.input_ids), loss_mask=mask, prompt_length=chain[0].prompt_length,
+                            dropped_turns=last.dropped_turns))
+
+    for item in rendered:
+        if chain and not covers(item, chain[-1]):
+            flush()
+            chain = []
+        chain.append(item)
+    if chain:
+        flush()
+    return out, len(rendered) - len(out)

@@ -85,7 +85,7 @@ def test_chatml_prompt_layout():
         "<|im_start|>system\nSYS\n\n# Tools\n\nCall one tool as <tool_call>\n{\"name\": ..., \"arguments\": {...}}\n"
         "</tool_call> or reply to the user as <answer>...</answer>.\n<tools>\n" + signature + "\n</tools><|im_end|>\n"
         "<|im_start|>user\nWhere is my order A1? It is exchange number 1.<|im_end|>\n"
-        "<|im_start|>assistant\n<tool_call>\n{\"name\": \"get_order\", \"arguments\": {\"order_id\": \"A1\"}}\n</tool_call><|im_end|>\n"
+        "<|im_start|>assistant\n<think>\n\n</think>\n\n<tool_call>\n{\"name\": \"get_order\", \"arguments\": {\"order_id\": \"A1\"}}\n</tool_call><|im_end|>\n"
         "<|im_start|>user\n<tool_response>\n{\"order_id\": \"A1\", \"status\": \"shipped\"}\n</tool_response><|im_end|>\n"
         "<|im_start|>assistant\n"
     )
@@ -364,3 +364,50 @@ def test_qwen3_truncation_on_real_tau_conversation(qwen3, shared_dir: Path):
     budget = len(rendered.input_ids) - rendered.prompt_length
     prompt = render_prompt(sample, qwen3, max_length=len(full.input_ids) - 200, completion_budget=budget)
     assert prompt.input_ids == rendered.input_ids[: rendered.prompt_length]
+
+
+# --- packing a conversation's samples into one sequence (stage-1 SFT) -------------------------
+
+
+def test_render_conversation_packs_every_action_exactly(tiny_tokenizer):
+    from data.render import render_conversation
+
+    conversation = Conversation("c-pack", "SYS", TOOLS, exchange(1) + exchange(2))
+    samples = conversation_samples(conversation)
+    singles = [render(sample, tiny_tokenizer, with_reasoning=False) for sample in samples]
+    packed, merged = render_conversation(samples, tiny_tokenizer)
+    assert len(packed) == 1 and merged == len(samples) - 1
+    sequence = packed[0]
+    assert sequence.input_ids == singles[-1].input_ids
+    # every sample's completion is masked at exactly its own positions, nothing else is
+    expected = [0] * len(sequence.input_ids)
+    for single in singles:
+        assert sequence.input_ids[: len(single.input_ids)] == single.input_ids
+        expected[single.prompt_length: len(single.input_ids)] = [1] * (len(single.input_ids) - single.prompt_length)
+    assert sequence.loss_mask == expected
+    assert sum(sequence.loss_mask) == sum(sum(single.loss_mask) for single in singles)
+
+
+def test_render_conversation_falls_back_when_history_is_cut(tiny_tokenizer):
+    from data.render import render_conversation
+
+    conversation = Conversation("c-cut", "SYS", TOOLS, exchange(1) + exchange(2) + exchange(3))
+    samples = conversation_samples(conversation)
+    full = render(samples[-1], tiny_tokenizer, with_reasoning=False)
+    limit = len(full.input_ids) - 5  # the last samples must drop history: they cannot cover the earlier ones
+    packed, merged = render_conversation(samples, tiny_tokenizer, max_length=limit)
+    singles = [render(sample, tiny_tokenizer, max_length=limit, with_reasoning=False) for sample in samples]
+    assert sum(sum(r.loss_mask) for r in packed) == sum(sum(r.loss_mask) for r in singles)
+    assert all(len(r.input_ids) <= limit for r in packed)
+    assert len(packed) == len(samples) - merged and len(packed) > 1
+
+
+def test_render_conversation_with_qwen3_template_keeps_samples_apart(qwen3):
+    """Qwen3's template shows history without think blocks: no sample covers another."""
+    from data.render import render_conversation
+
+    conversation = Conversation("c-q", "SYS", TOOLS, exchange(1))
+    samples = conversation_samples(conversation)
+    packed, merged = render_conversation(samples, qwen3)
+    assert merged == 0
+    assert [r.input_ids for r in packed] == [render(s, qwen3, with_reasoning=False).input_ids for s in samples]
