@@ -60,6 +60,8 @@ class SFTConfig:
     val_fraction: float = field(0.05, "share of conversations held out for the validation loss")
     max_length: int = field(1024, "token limit of a rendered sample; older turns are dropped beyond it")
     max_samples: int = field(0, "use at most this many training samples (0: all)")
+    pack_conversations: bool = field(True, "stage base: train on all of a conversation's turns in one sequence where "
+                                           "that is exactly equal to the per-turn samples (see data.render.render_conversation)")
     # optimisation
     micro_batch: int = field(2, "samples per forward/backward")
     grad_accum: int = field(4, "micro-batches per optimizer step")
@@ -135,7 +137,7 @@ class SFTData:
 def prepare_data(config: SFTConfig, tokenizer: Any, log: Callable[[str], None] = print) -> SFTData:
     """Load, split by conversation, cut into samples, render with loss masks; count every skip."""
     from data import load_dataset, make_samples, split_conversations
-    from data.render import ContextTooLong, render
+    from data.render import ContextTooLong, render, render_conversation
 
     spec = config.data or DEFAULT_DATA[config.stage]
     conversations, load_stats = load_dataset(spec, seed=config.seed, format=config.data_format)
@@ -151,19 +153,33 @@ def prepare_data(config: SFTConfig, tokenizer: Any, log: Callable[[str], None] =
         samples = make_samples(splits[name], only_with_reasoning=coldstart, strip_reasoning=not coldstart)
         if name == "train" and config.max_samples > 0:
             samples = samples[: config.max_samples]
-        kept, too_long, shortened = [], 0, 0
-        for sample in samples:
-            try:
-                item = render(sample, tokenizer, max_length=config.max_length, with_reasoning=coldstart)
-            except ContextTooLong as error:
-                too_long += 1
-                if too_long <= 3:
-                    log(f"skipped sample: {error}")
-                continue
-            shortened += item.dropped_turns > 0
-            kept.append(item)
+        kept, too_long, shortened, packed = [], 0, 0, 0
+        # Stage 1 packs each conversation's samples into as few exact sequences as possible.
+        groups = _conversation_groups(samples) if config.pack_conversations and not coldstart else [[s] for s in samples]
+        for group in groups:
+            if len(group) > 1:
+                try:
+                    items, merged = render_conversation(group, tokenizer, max_length=config.max_length)
+                    kept.extend(items)
+                    packed += merged
+                    shortened += sum(item.dropped_turns > 0 for item in items)
+                    continue
+                except ContextTooLong:
+                    pass  # some sample of it does not fit: render one by one and count the ones skipped
+            for sample in group:
+                try:
+                    item = render(sample, tokenizer, max_length=config.max_length, with_reasoning=coldstart)
+                except ContextTooLong as error:
+                    too_long += 1
+                    if too_long <= 3:
+                        log(f"skipped sample: {error}")
+                    continue
+                shortened += item.dropped_turns > 0
+                kept.append(item)
+        stats[f"{name}_packed_samples"] = packed
         rendered[name] = kept
-        stats[f"{name}_samples"] = len(kept)
+        stats[f"{name}_samples"] = len(kept) + packed  # samples trained on
+        stats[f"{name}_sequences"] = len(kept)  # after packing
         stats[f"{name}_too_long"] = too_long
         stats[f"{name}_shortened"] = shortened
     if not rendered["train"]:
@@ -171,6 +187,17 @@ def prepare_data(config: SFTConfig, tokenizer: Any, log: Callable[[str], None] =
                          f"({'no sample carries reasoning' if coldstart else 'all too long or none found'})")
     log("data: " + ", ".join(f"{k}={v}" for k, v in stats.items()))
     return SFTData(train=rendered["train"], validation=rendered["validation"], stats=stats)
+
+
+def _conversation_groups(samples: list[Any]) -> list[list[Any]]:
+    """Consecutive samples of the same conversation, in order."""
+    groups: list[list[Any]] = []
+    for sample in samples:
+        if groups and groups[-1][-1].conversation_id == sample.conversation_id:
+            groups[-1].append(sample)
+        else:
+            groups.append([sample])
+    return groups
 
 
 def micro_batches_for_epoch(data: list[Any], config: SFTConfig, epoch: int) -> list[list[int]]:
@@ -251,7 +278,7 @@ def train(config: SFTConfig) -> Path:
     if resume_from is not None:
         start_step = int(resume_training(resume_from, policy=policy, optimizer=optimizer)["step"])
         log(f"resumed from {resume_from} at step {start_step}")
-    log(f"stage {config.stage}: {len(data.train)} samples, {steps_per_epoch} steps/epoch, {max_steps} steps, "
+    log(f"stage {config.stage}: {data.stats['train_samples']} samples in {len(data.train)} sequences, {steps_per_epoch} steps/epoch, {max_steps} steps, "
         f"{sum(p.numel() for p in params):,} trainable parameters")
 
     def save(step: int) -> Path:

@@ -65,8 +65,8 @@ def quiet(message: str) -> None:
     pass
 
 
-def rendered_samples(small_data: Path, tokenizer, stage: str, spec: str = "coldstart.json") -> list:
-    config = SFTConfig(stage=stage, data=str(small_data / spec), val_fraction=0.0)
+def rendered_samples(small_data: Path, tokenizer, stage: str, spec: str = "coldstart.json", **overrides) -> list:
+    config = SFTConfig(stage=stage, data=str(small_data / spec), val_fraction=0.0, **overrides)
     return prepare_data(config, tokenizer, quiet).train
 
 
@@ -210,10 +210,18 @@ def test_coldstart_starts_from_the_base_result_and_trains_on_reasoning_only(tmp_
 
 
 def test_coldstart_renders_reasoning_and_base_renders_empty_think(small_data, tokenizer):
-    def targets(stage: str) -> list[str]:
-        samples = rendered_samples(small_data, tokenizer, stage)
-        return [tokenizer.decode([token for token, in_loss in zip(sample.input_ids, sample.loss_mask) if in_loss],
-                                 skip_special_tokens=False) for sample in samples]
+    def targets(stage: str, **overrides) -> list[str]:
+        """The text of every contiguous loss-masked run (one per action, also in packed sequences)."""
+        runs = []
+        for sample in rendered_samples(small_data, tokenizer, stage, **overrides):
+            run: list[int] = []
+            for token, in_loss in zip(sample.input_ids + [None], sample.loss_mask + [0]):
+                if in_loss:
+                    run.append(token)
+                elif run:
+                    runs.append(tokenizer.decode(run, skip_special_tokens=False))
+                    run = []
+        return runs
 
     coldstart = targets("coldstart")
     assert len(coldstart) == 8
@@ -225,3 +233,7 @@ def test_coldstart_renders_reasoning_and_base_renders_empty_think(small_data, to
     base = targets("base")
     assert len(base) == 12
     assert all(text.startswith(f"{THINK_OPEN}\n\n{THINK_CLOSE}\n\n") for text in base), base[0]
+    # Packing a conversation's turns into one sequence changes nothing the model is trained on.
+    assert targets("base", pack_conversations=False) == base
+    assert len(rendered_samples(small_data, tokenizer, "base", pack_conversations=False)) == 12
+    assert len(rendered_samples(small_data, tokenizer, "base")) < 12
