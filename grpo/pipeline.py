@@ -38,8 +38,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "default": {
         "tiny": {"vocab_size": 2048, "model": {"hidden_size": 128, "num_layers": 4, "num_heads": 4, "num_kv_heads": 2,
                                                 "intermediate_size": 384}},
-        "sft_base": {"max_steps": 250, "micro_batch": 8, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 20,
-                     "lora": False, "eval_every": 50, "max_length": 768},
+        "sft_base": {"max_steps": 375, "micro_batch": 8, "grad_accum": 2, "lr": 3e-3, "warmup_steps": 20,
+                     "lora": False, "eval_every": 125, "max_length": 768},
         "coldstart": {"epochs": 3.0, "micro_batch": 2, "grad_accum": 4, "lr": 1e-3, "warmup_steps": 2, "lora_r": 16,
                       "eval_every": 0, "val_fraction": 0.0, "max_length": 768},
         "grpo": {"max_steps": 40, "prompts_per_step": 4, "group_size": 8, "rollout_batch_prompts": 4,
@@ -92,7 +92,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline.json", {"config": config_to_dict(config), "preset": preset})
-    common = {"seed": config.seed, "threads": config.threads, "device": config.device}
+    # resume=True: a stage interrupted earlier continues from its newest checkpoint.
+    common = {"seed": config.seed, "threads": config.threads, "device": config.device, "resume": True}
     timings: dict[str, float] = {}
 
     def stage(name: str, run: Any) -> Path | None:

@@ -1,0 +1,60 @@
+"""End to end: `python -m grpo.train --preset smoke` runs every stage of the pipeline and a rerun
+reuses them.  (The full default preset is measured by hand; see the README.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+CHECKPOINTS = ("untrained", "sft", "coldstart", "rl")
+TABLE_KEYS = ("action_accuracy", "tool_precision", "tool_recall", "tool_f1", "tool_name_accuracy",
+              "tool_parameter_match", "answer_precision", "answer_recall", "answer_f1", "answer_similarity")
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "grpo.train", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("pipeline") / "smoke"
+    result = run("--preset", "smoke", "--out", str(out), "--similarity", "lexical", "--threads", "1", cwd=REPO)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_smoke_pipeline_runs_every_stage(smoke_run):
+    out, result = smoke_run
+    for stage in ("sft-base", "coldstart", "grpo"):
+        assert (out / stage / "done.json").is_file(), stage
+        assert list((out / stage / "checkpoints").glob("step-*")), stage
+    lineage = json.loads((out / "grpo" / "checkpoints" / "step-000002" / "lineage.json").read_text())
+    assert len(lineage["adapters"]) == 2  # cold-start adapter merged, then GRPO's own
+    results = json.loads((out / "eval" / "results.json").read_text())
+    text = json.dumps(results)
+    for name in CHECKPOINTS:
+        assert name in text
+    assert (out / "eval" / "results.md").read_text().count("| rl |") == 2  # one row per split
+    for key in TABLE_KEYS:
+        assert key in text
+    assert "stage times" in result.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["timings_s"]) >= {"sft-base", "coldstart", "grpo", "eval", "total"}
+    pngs = list((out / "plots").glob("*.png"))
+    assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_rerun_reuses_finished_stages(smoke_run):
+    out, _ = smoke_run
+    result = run("--preset", "smoke", "--out", str(out), "--similarity", "lexical", "--skip-eval", cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for stage in ("sft-base", "coldstart", "grpo"):
+        assert f"[pipeline] {stage}: finished earlier" in result.stdout
