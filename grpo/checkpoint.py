@@ -11,7 +11,18 @@ A checkpoint is one directory `RUN/checkpoints/step-000123/` holding
 
 It is written into a temporary sibling directory, flushed, and renamed into place; only then is
 `RUN/checkpoints/latest` (a one-line text file) replaced atomically.  A crash at any moment
-therefore leaves either the previous checkpoint or the new one, never half of one.
+therefore leaves either the previous checkpoint or the new one, never half of one (a killed
+writer leaves a `.tmp-*` directory, which nothing reads and the next resume removes).
+
+Distributed runs: every rank calls `save_training_checkpoint` (FSDP gathers the full weights and
+optimizer state onto rank 0 with collectives), rank 0 alone writes, and all ranks leave
+together.  Every rank resumes from the same directory: the weights before FSDP shards the model
+(`restore_policy_weights`), then the optimizer state (`load_optimizer_state` shards a whole one).
+Random streams are not saved per rank: the trainers re-derive them from (seed, step, rank) and
+(seed, step, prompt position) (grpo.runtime.derived_seed).
+
+Resuming checks that the checkpoint belongs to this run (`check_resume_compatible`): the same
+starting model, the same adapter shape.
 """
 
 from __future__ import annotations
@@ -32,16 +43,49 @@ def checkpoints_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def _fsync_tree(directory: Path) -> None:
-    for path in sorted(directory.rglob("*")):
-        if path.is_file():
-            with path.open("rb") as handle:
-                os.fsync(handle.fileno())
+def _fsync_directory(directory: Path) -> None:
     dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+        elif path.is_dir():
+            _fsync_directory(path)
+    _fsync_directory(directory)
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> list[str]:
+    """Delete what killed writers left in RUN/checkpoints (`.tmp-*`, `.latest-*`, `.replaced-*`).
+
+    Call it only when no other process writes checkpoints of this run (rank 0, at start-up).
+    Returns the names removed.
+    """
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return []
+    removed = []
+    for path in sorted(root.iterdir()):
+        if path.name.startswith(".replaced-"):
+            # Killed between moving an old copy of a step aside and publishing the new one: the
+            # old copy is complete, put it back.
+            original = root / path.name[len(".replaced-"):].rsplit("-", 1)[0]
+            if not original.exists() and (path / STATE_FILE).is_file():
+                os.replace(path, original)
+                continue
+        if path.name.startswith((".tmp-", ".latest-", ".replaced-")):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(path.name)
+    return removed
 
 
 def write_checkpoint(run_dir: str | Path, step: int, write_fn: Callable[[Path], None], *, keep_last: int = 0) -> Path:
@@ -65,14 +109,19 @@ def write_checkpoint(run_dir: str | Path, step: int, write_fn: Callable[[Path], 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():  # re-saving the same step (e.g. the final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # re-saving the same step: move the old one aside first (a rename is atomic)
+        replaced = root / f".replaced-{final.name}-{os.getpid()}"
+        os.replace(final, replaced)
+        os.replace(tmp, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
     latest_tmp = root / f".latest-{os.getpid()}"
     latest_tmp.write_text(final.name + "\n")
     with latest_tmp.open("rb") as handle:
         os.fsync(handle.fileno())
     os.replace(latest_tmp, root / "latest")
+    _fsync_directory(root)  # the renames themselves survive a power cut too
     if keep_last > 0:
         # Only earlier steps: sorting by name alone would delete the checkpoint just written when a
         # fresh run (no --resume) saves step 2 into a directory that still holds step 40.
@@ -158,24 +207,132 @@ def restore_policy_weights(policy: Any, directory: str | Path) -> None:
             raise RuntimeError(f"{directory}: weights do not match the model (missing {real_missing[:3]}, unexpected {unexpected[:3]})")
 
 
+def _save_full_model(policy: Any, directory: Path, state_dict: dict[str, Any]) -> None:
+    """save_policy for a model whose parameters are sharded: the gathered `state_dict` is written
+    as `model/` (safetensors), with the tokenizer and a lineage that names it as the base."""
+    from grpo.policy import LINEAGE_FILE, MODEL_DIR, TOKENIZER_DIR, causal_lm_of
+
+    causal_lm_of(policy.model).save_pretrained(directory / MODEL_DIR, state_dict=state_dict, safe_serialization=True)
+    policy.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
+    (directory / LINEAGE_FILE).write_text(json.dumps({"base": MODEL_DIR, "adapters": []}, indent=2) + "\n")
+
+
 def save_training_checkpoint(run_dir: str | Path, step: int, *, policy: Any, optimizer: Any, config: Any,
-                             extra: dict[str, Any] | None = None, keep_last: int = 0) -> Path:
-    """Weights, tokenizer, lineage, optimizer, RNG states, step and config, published atomically."""
+                             extra: dict[str, Any] | None = None, keep_last: int = 0,
+                             context: Any = None) -> Path:
+    """Weights, tokenizer, lineage, optimizer, RNG state, step and config, published atomically.
+
+    Distributed (`context` a grpo.distributed.Distributed): every rank must call this; FSDP's
+    full weights and optimizer state are gathered onto rank 0, which alone writes; the ranks
+    leave together.  Returns the checkpoint's path on every rank.
+    """
+    from grpo import distributed
     from grpo.config import config_to_dict
     from grpo.policy import save_policy
 
+    context = context or distributed.SINGLE
+    sharded = bool(distributed.fsdp_modules(policy.model))
+    model_state = distributed.full_state_dict(policy.model) if sharded else None
+    optimizer_state = (distributed.full_optimizer_state(policy.model, optimizer) if sharded
+                       else optimizer.state_dict())
+
     def write(directory: Path) -> None:
-        save_policy(policy, directory)
-        save_trainer_state(directory, {"step": step, "optimizer": optimizer.state_dict(), "rng": rng_state(), **(extra or {})})
+        if sharded:
+            _save_full_model(policy, directory, model_state)
+        else:
+            save_policy(policy, directory)
+        save_trainer_state(directory, {"step": step, "optimizer": optimizer_state, "optimizer_by_name": sharded,
+                                       "rng": rng_state(), **(extra or {})})
         write_json(directory / "config.json", config_to_dict(config))
 
-    return write_checkpoint(run_dir, step, write, keep_last=keep_last)
+    path = checkpoints_dir(run_dir) / f"step-{step:06d}"
+    if context.is_main:
+        path = write_checkpoint(run_dir, step, write, keep_last=keep_last)
+    distributed.barrier(context)
+    return path
 
 
-def resume_training(checkpoint: str | Path, *, policy: Any, optimizer: Any) -> dict[str, Any]:
-    """Restore weights, optimizer and RNG states from a checkpoint; returns its trainer state."""
-    state = load_trainer_state(checkpoint)
-    restore_policy_weights(policy, checkpoint)
-    optimizer.load_state_dict(state["optimizer"])
-    set_rng_state(state["rng"])
-    return state
+def load_optimizer_state(optimizer: Any, state: dict[str, Any], *, model: Any) -> None:
+    """Load the optimizer state of a trainer `state` into `optimizer` (whose parameters belong to
+    `model`).
+
+    A state saved under FSDP is keyed by parameter names and whole; it is sharded into this
+    rank's optimizer.  A replicated run's state (keyed by position) loads as is.  Saved and
+    current runs must agree on FSDP: the checkpoint's weights are the same either way, but the
+    optimizer state layouts differ.
+    """
+    from grpo import distributed
+
+    sharded = bool(distributed.fsdp_modules(model))
+    by_name = bool(state.get("optimizer_by_name", False))
+    if sharded != by_name:
+        raise SystemExit(f"--resume: the optimizer state was saved {'with' if by_name else 'without'} --fsdp; "
+                         f"resume {'with' if by_name else 'without'} --fsdp (the weights would load, the optimizer not)")
+    if sharded:
+        distributed.load_full_optimizer_state(model, optimizer, state["optimizer"])
+    else:
+        optimizer.load_state_dict(state["optimizer"])
+
+
+# Config fields that fix what a checkpoint's weights *are*: resuming with other values would load
+# tensors into a different model (or silently continue a different experiment).
+IDENTITY_FIELDS: tuple[str, ...] = ("model", "init", "lora", "lora_r", "lora_alpha", "lora_targets", "stage",
+                                    "tiny_vocab_size")
+# Model config entries compared between a checkpoint's weights and the model being trained.
+ARCHITECTURE_FIELDS: tuple[str, ...] = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
+                                        "num_attention_heads", "num_key_value_heads", "intermediate_size")
+
+
+def _same_source(left: Any, right: Any) -> bool:
+    if left == right:
+        return True
+    if isinstance(left, str) and isinstance(right, str) and Path(left).exists() and Path(right).exists():
+        return Path(left).resolve() == Path(right).resolve()
+    return False
+
+
+def check_resume_compatible(checkpoint: str | Path, config: Any, policy: Any) -> None:
+    """Refuse (SystemExit naming both sides) to resume `policy` from a checkpoint of another model.
+
+    Three checks, cheapest first: the run settings that define the weights (IDENTITY_FIELDS of
+    the checkpoint's config.json vs this run's); the starting point (the checkpoint's lineage
+    without its own adapter vs this policy's lineage); the architecture (the checkpoint's
+    model config, when it holds a full model, vs this model's config).
+    """
+    from grpo.config import config_to_dict
+    from grpo.policy import ADAPTER_DIR, MODEL_DIR, causal_lm_of, read_lineage
+
+    checkpoint = Path(checkpoint)
+    saved_path = checkpoint / "config.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    current = config_to_dict(config)
+    differing = [key for key in IDENTITY_FIELDS
+                 if key in saved and key in current and not _same_source(saved[key], current[key])]
+    if differing:
+        then = ", ".join(f"{key}={saved[key]!r}" for key in differing)
+        now = ", ".join(f"{key}={current[key]!r}" for key in differing)
+        raise SystemExit(f"--resume: {checkpoint} was trained with {then}, but this run has {now}; "
+                         "resume with the same settings or start a new run in another --out")
+
+    lineage = read_lineage(checkpoint)
+    if policy.use_lora and lineage["adapters"] and Path(lineage["adapters"][-1]).name == ADAPTER_DIR:
+        start = {"base": lineage["base"], "adapters": lineage["adapters"][:-1]}
+        mine = policy.lineage
+        same = _same_source(start["base"], mine["base"]) and len(start["adapters"]) == len(mine["adapters"]) and all(
+            _same_source(a, b) for a, b in zip(start["adapters"], mine["adapters"]))
+        if not same:
+            raise SystemExit(f"--resume: {checkpoint} continues base model {start['base']!r} (adapters "
+                             f"{start['adapters']}), but this run starts from {mine['base']!r} (adapters "
+                             f"{mine['adapters']}); refusing to load its adapter into another model")
+
+    model_config_path = checkpoint / MODEL_DIR / "config.json"
+    if model_config_path.is_file():
+        theirs = json.loads(model_config_path.read_text())
+        ours = causal_lm_of(policy.model).config.to_dict()
+        mismatched = [key for key in ARCHITECTURE_FIELDS if key in theirs and key in ours and theirs[key] != ours[key]]
+        if mismatched:
+            raise SystemExit(
+                f"--resume: {checkpoint}/{MODEL_DIR} is a different model ("
+                + ", ".join(f"{key}={theirs[key]!r}" for key in mismatched) + ") from "
+                f"{getattr(config, 'init', None) or getattr(config, 'model', None)!r} ("
+                + ", ".join(f"{key}={ours[key]!r}" for key in mismatched) + ")")

@@ -51,10 +51,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def derived_seed(*parts: int) -> int:
+    """A 63-bit seed determined by `parts` alone, e.g. (seed, step, rank) or (seed, step, prompt).
+
+    The trainers draw every random number of a step from generators seeded this way, so a
+    resumed run (or a run split over a different number of processes) re-derives exactly the
+    streams the uninterrupted run used, and no generator state has to be saved per rank.
+    """
+    return random.Random(":".join(str(int(part)) for part in parts)).getrandbits(63)
+
+
 class StopRequest:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits non-zero.
 
-    A second signal of the same kind while stopping falls back to the default behaviour.
+    A second signal of the same kind while stopping falls back to the default behaviour.  In a
+    distributed run the signal may reach the ranks at different moments (torchrun forwards it to
+    every worker), so the trainers agree on the flag once per step (`grpo.distributed.any_rank`)
+    and all ranks stop after the same step.
     """
 
     def __init__(self) -> None:
@@ -84,8 +97,35 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def trim_logs(run_dir: str | Path, step: int, names: tuple[str, ...] = ("metrics.jsonl", "samples.jsonl")) -> None:
+    """Keep only the records of steps <= `step` in the run's JSONL logs (called on --resume).
+
+    A run killed after its last checkpoint logged steps that the resumed run repeats, and a
+    SIGKILL may cut the last line short; both are dropped so the logs read as one clean run.
+    """
+    for name in names:
+        path = Path(run_dir) / name
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and int(record.get("step", 0)) <= step:
+                kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(f"{line}\n" for line in kept))
+        tmp.replace(path)
+
+
 class RunLogger:
-    """Metrics to `metrics.jsonl` (one line per logged step), TensorBoard when installed, a text log."""
+    """Metrics to `metrics.jsonl` (one line per logged step), TensorBoard when installed, a text log.
+
+    enabled=False (every rank but 0 of a distributed run) makes every method a no-op and creates
+    no file.
+    """
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)

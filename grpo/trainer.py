@@ -11,6 +11,18 @@
 With mu = 1 (the default, as in the paper) the sampled completions are used once and
 old_logprobs = logprobs.detach(), so the ratio is 1 and the objective reduces to the
 policy-gradient term.  With mu > 1 the old log-probs are recomputed once, before the first pass.
+
+Randomness: the prompts of step s are cut into rollout chunks at multiples of
+rollout_batch_prompts (counted in the step's global prompt list), and the chunk that starts at
+position p samples with a generator seeded from (seed, s, p); dropout draws from a torch stream
+seeded from (seed, s, rank).  Nothing random depends on what ran before, so a resumed run
+re-derives the uninterrupted run's samples without saving generator states, and N processes
+sample what one process samples (exactly, when prompts_per_step / N is a multiple of
+rollout_batch_prompts, so that no chunk is cut at a rank boundary).
+
+Many processes (torchrun): each rank takes a contiguous share of the step's prompts, samples and
+scores whole groups, all-gathers the rewards, and sums its gradients with the others' once per
+step; the loss normalisers are the step's global totals.  See grpo/distributed.py.
 """
 
 from __future__ import annotations
@@ -24,12 +36,22 @@ from typing import Any, Callable
 import torch
 
 from grpo.advantages import advantage_stats, group_advantages
-from grpo.checkpoint import latest_checkpoint, resume_training, save_training_checkpoint, write_json
+from grpo import distributed
+from grpo.checkpoint import (
+    check_resume_compatible,
+    latest_checkpoint,
+    load_optimizer_state,
+    remove_stale_temporaries,
+    restore_policy_weights,
+    save_training_checkpoint,
+    write_json,
+)
 from grpo.config import check_ranges, config_to_dict, field
+from grpo.distributed import SINGLE, Distributed
 from grpo.loss import policy_loss
-from grpo.policy import LoraSettings, Policy, load_policy, reference_mode, token_logprobs
+from grpo.policy import LoraSettings, Policy, grouped_token_logprobs, load_policy, reference_mode, token_logprobs
 from grpo.rollout import SamplingConfig, generate
-from grpo.runtime import RunLogger, StopRequest, lr_at, resolve_device, resolve_dtype, seed_everything
+from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -54,9 +76,11 @@ class GRPOConfig:
     trust_remote_code: bool = field(False, "allow model repositories to run their own code")
     deterministic: bool = field(False, "torch deterministic algorithms (for exact resume checks)")
     threads: int = field(0, "CPU threads for torch (0: torch's default)")
+    fsdp: bool = field(False, "torchrun only: shard parameters, gradients and optimizer state with FSDP2 "
+                              "(full fine-tuning: needs --no-lora)")
     # --- data ----------------------------------------------------------------------------------
     data: str = field("synthetic:train", "training data: a path or synthetic:<split>")
-    data_format: str | None = field(None, "force the data format: apigen, tau or almita")
+    data_format: str | None = field(None, "force the data format (default: detected)", choices=("apigen", "tau", "almita"))
     max_prompt_length: int = field(1024, "prompt token limit; older turns are dropped beyond it")
     # --- policy / LoRA -------------------------------------------------------------------------
     lora: bool = field(True, "train LoRA adapters (--no-lora: full fine-tuning)")
@@ -70,6 +94,7 @@ class GRPOConfig:
     prompts_per_step: int = field(16, "prompts per optimizer step (paper: 1 x grad-accum 16)")
     rollout_batch_prompts: int = field(4, "prompts generated together in one rollout call")
     max_new_tokens: int = field(128, "completion token limit")
+    min_new_tokens: int = field(0, "stop tokens are banned until a completion has this many tokens")
     temperature: float = field(1.0, "sampling temperature (log-probs use the same)")
     top_p: float = field(1.0, "nucleus sampling threshold")
     top_k: int = field(0, "top-k sampling (0: off)")
@@ -80,7 +105,10 @@ class GRPOConfig:
     epsilon_low: float = field(0.2, "lower clip range")
     epsilon_high: float | None = field(None, "upper clip range (default: epsilon_low)")
     mu: int = field(1, "passes over each step's completions")
-    train_micro_batch: int = field(16, "sequences per forward/backward micro-batch")
+    train_micro_batch: int = field(16, "sequences per forward/backward micro-batch (whole groups with "
+                                       "--share-prefix: rounded down to a multiple of G, at least one group)")
+    share_prefix: bool = field(True, "compute each prompt once per group in the training forward (its G "
+                                     "completions attend to its keys and values: same result, fewer tokens)")
     # --- optimizer -----------------------------------------------------------------------------
     lr: float = field(1e-5, "peak learning rate")
     lr_schedule: str = field("constant", "after warmup", choices=("constant", "linear", "cosine"))
@@ -99,7 +127,7 @@ class GRPOConfig:
         check_ranges(self, at_least_one=(
             "group_size", "prompts_per_step", "rollout_batch_prompts", "max_new_tokens", "mu", "train_micro_batch",
             "log_every", "max_bad_steps", "max_prompt_length", "lora_r"),
-            non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k",
+            non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k", "min_new_tokens",
                           "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm", "lora_dropout"),
             positive=("temperature",))
         if not 0 < self.top_p <= 1:
@@ -108,6 +136,18 @@ class GRPOConfig:
             # One completion per group has no spread to compare: every advantage would be 0.
             raise ValueError(f"--group-size must be >= 2 (GRPO compares the completions of a prompt), "
                              f"got {self.group_size}")
+        if self.fsdp and self.lora:
+            raise ValueError("--fsdp shards full fine-tuning; LoRA adapters are small enough to replicate "
+                             "(drop --fsdp, or add --no-lora)")
+
+
+def check_world(config: GRPOConfig, context: Distributed) -> None:
+    """Refuse settings that cannot be split over `context.world_size` processes."""
+    if config.prompts_per_step % context.world_size:
+        raise SystemExit(f"--prompts-per-step {config.prompts_per_step} must be a multiple of the number of "
+                         f"processes ({context.world_size}): every rank samples whole groups for as many prompts")
+    if config.fsdp and not context.enabled:
+        raise SystemExit("--fsdp needs several processes: start the run with torchrun --nproc_per_node N (N >= 2)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -124,12 +164,21 @@ class Prompt:
 
 
 def build_prompts(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None] = print) -> list[Prompt]:
-    """Render every training sample as a generation prompt; count (and log) what had to be cut."""
+    """Render every training sample as a generation prompt; count (and log) what had to be cut.
+
+    Unreadable data (a missing file, a malformed row) stops the run with the loader's message,
+    which names the file, the row and the field.
+    """
     from data import load_dataset, make_samples
+    from data.loaders import DataError
     from data.render import ContextTooLong, render_prompt
 
-    conversations, stats = load_dataset(config.data, seed=config.seed, format=config.data_format)
+    try:
+        conversations, stats = load_dataset(config.data, seed=config.seed, format=config.data_format)
+    except (DataError, ValueError) as error:
+        raise SystemExit(f"--data {config.data}: {error}") from None
     samples = make_samples(conversations, strip_reasoning=True)
+    without_action = sum(not any(turn.is_action for turn in conversation.turns) for conversation in conversations)
     prompts, too_long, shortened = [], 0, 0
     for sample in samples:
         try:
@@ -142,11 +191,14 @@ def build_prompts(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None]
         shortened += rendered.dropped_turns > 0
         prompts.append(Prompt(sample=sample, prompt_ids=rendered.input_ids))
     log(
-        f"data {config.data}: {len(conversations)} conversations, {len(samples)} samples, "
-        f"{len(prompts)} prompts ({shortened} shortened, {too_long} skipped as too long even after dropping history)"
+        f"data {config.data}: {len(conversations)} conversations ({without_action} without an assistant action), "
+        f"{len(samples)} samples, {len(prompts)} prompts ({shortened} shortened, {too_long} skipped as too long "
+        "even after dropping history)"
     )
     if not prompts:
-        raise SystemExit(f"--data {config.data}: no usable prompts (all {len(samples)} exceed --max-prompt-length?)")
+        reason = ("no conversation has an assistant action" if not samples
+                  else f"all {len(samples)} exceed --max-prompt-length {config.max_prompt_length}")
+        raise SystemExit(f"--data {config.data}: no usable prompts ({reason})")
     return prompts
 
 
@@ -200,10 +252,26 @@ class StepBatch:
     completion_mask: torch.Tensor  # [n, T] float, 1 on tokens that get loss
     advantages: torch.Tensor  # [n]
     prompt_length: int  # P
+    group_size: int = 1  # G: rows g*G .. g*G + G-1 share one prompt (1: no structure assumed)
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def rollout_chunks(first: int, stop: int, chunk_prompts: int) -> list[tuple[int, int]]:
+    """[start, end) positions of the rollout chunks covering prompts first..stop-1 of a step.
+
+    Chunks are cut at multiples of `chunk_prompts` in the step's *global* prompt list and at this
+    rank's bounds, so a chunk never straddles two ranks and, when the rank bounds are multiples
+    of `chunk_prompts`, every process count cuts the same chunks.
+    """
+    chunks, start = [], first
+    while start < stop:
+        end = min(stop, (start // chunk_prompts + 1) * chunk_prompts)
+        chunks.append((start, end))
+        start = end
+    return chunks
 
 
 def rollout_and_score(
@@ -211,13 +279,22 @@ def rollout_and_score(
     prompts: list[Prompt],
     config: GRPOConfig,
     *,
-    generator: torch.Generator,
+    step: int,
     reward_fn: Callable[[list[str], list[dict]], list[Any]],
     device: torch.device,
+    first_position: int = 0,
+    context: Distributed = SINGLE,
 ) -> tuple[list[StepBatch], torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
     """Generate G completions per prompt, score them, compute advantages.
 
-    Returns the training batches, the rewards [B, G], metrics and per-completion records.
+    `prompts` are this rank's share of the step, at positions first_position.. of the step's
+    global prompt list.  The chunk starting at position p samples with a generator seeded from
+    (config.seed, step, p).  Rewards are all-gathered, so the advantages use the whole step's
+    groups (exact per group; the batch std of scale_rewards="batch" is global), and the metrics
+    describe the whole step.
+
+    Returns this rank's training batches, the rewards of the whole step [B, G], metrics and
+    this rank's per-completion records.
     """
     from data.render import stop_sequences, stop_token_ids
 
@@ -225,51 +302,55 @@ def rollout_and_score(
     group_size = config.group_size
     sampling = SamplingConfig(
         group_size=group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-        top_p=config.top_p, top_k=config.top_k,
+        top_p=config.top_p, top_k=config.top_k, min_new_tokens=config.min_new_tokens,
     )
     stops = stop_token_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
     chunks, records, component_rows = [], [], []
     rollout_tokens, rollout_time = 0, 0.0
-    for start in range(0, len(prompts), config.rollout_batch_prompts):
-        chunk = prompts[start:start + config.rollout_batch_prompts]
-        began = time.perf_counter()
-        rollout, _ = generate(
-            policy.model, [p.prompt_ids for p in chunk], sampling, pad_token_id=pad_id,
-            stop_token_ids=stops, stop_sequences=stop_sequences(tokenizer), generator=generator,
-        )
-        rollout_time += time.perf_counter() - began
-        rollout_tokens += int(rollout.completion_mask.sum())
-        chunks.append((chunk, rollout))
+    with distributed.gathered_for_rollout(policy.model):  # FSDP: ranks run different numbers of passes
+        for start, end in rollout_chunks(first_position, first_position + len(prompts), config.rollout_batch_prompts):
+            chunk = prompts[start - first_position:end - first_position]
+            generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, step, start))
+            began = time.perf_counter()
+            rollout, _ = generate(
+                policy.model, [p.prompt_ids for p in chunk], sampling, pad_token_id=pad_id,
+                stop_token_ids=stops, stop_sequences=stop_sequences(tokenizer), generator=generator,
+            )
+            rollout_time += time.perf_counter() - began
+            rollout_tokens += int(rollout.completion_mask.sum())
+            chunks.append((chunk, rollout))
 
-    # Score everything in one batched call (one similarity-model call per step).
-    texts, targets, owners = [], [], []
-    for chunk_index, (chunk, rollout) in enumerate(chunks):
+    # Score everything in one batched call (one similarity-model call per step and rank).
+    texts, targets = [], []
+    for chunk, rollout in chunks:
         flat_ids = rollout.completion_ids.flatten(0, 1)
         flat_mask = rollout.completion_mask.flatten(0, 1)
         for row, text in enumerate(decode_completions(tokenizer, flat_ids, flat_mask, set(stops))):
             texts.append(text)
             targets.append(chunk[row // group_size].sample.target)
-            owners.append((chunk_index, row))
     results = reward_fn(texts, targets)
-    rewards = torch.tensor([r.total for r in results], dtype=torch.float32).view(len(prompts), group_size)
+    local_rewards = torch.tensor([r.total for r in results], dtype=torch.float32).view(len(prompts), group_size)
+    rewards = distributed.all_gather_rows(context, local_rewards)  # [B, G], every rank's groups in order
     advantages = group_advantages(rewards, scale=config.scale_rewards)
+    advantages = advantages[first_position:first_position + len(prompts)]  # this rank's groups
 
     batches = []
-    for chunk_index, (chunk, rollout) in enumerate(chunks):
+    first = 0  # this rank's prompts before the current chunk
+    for chunk, rollout in chunks:
         b, g, t = rollout.completion_ids.shape
         prompt_ids = rollout.prompt_ids.repeat_interleave(g, dim=0)
         prompt_mask = rollout.prompt_mask.repeat_interleave(g, dim=0)
         completion_ids = rollout.completion_ids.flatten(0, 1)
         completion_mask = rollout.completion_mask.flatten(0, 1)
-        first = sum(len(c) for c, _ in chunks[:chunk_index])  # prompts before this chunk
         batches.append(StepBatch(
             input_ids=torch.cat([prompt_ids, completion_ids], dim=1).to(device),
             attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1).to(device),
             completion_mask=completion_mask.float().to(device),
             advantages=advantages[first:first + b].flatten().to(device),
-            prompt_length=prompt_ids.shape[1],
+            prompt_length=prompt_ids.shape[1], group_size=g,
         ))
+        first += b
         finished = rollout.finished.flatten()
         lengths = completion_mask.sum(-1)
         for row in range(b * g):
@@ -279,41 +360,83 @@ def rollout_and_score(
         record.update(text=text, target=target, reward=result.total, components=dict(result.components), success=result.success)
         component_rows.append(result.components)
 
-    lengths = torch.tensor([r["length"] for r in records], dtype=torch.float32)
-    metrics: dict[str, Any] = {
-        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(rewards).items()},
-        "success_rate": sum(r["success"] for r in records) / len(records),
-        "completion/length_mean": float(lengths.mean()),
-        "completion/length_max": float(lengths.max()),
-        "completion/truncated_share": sum(not r["finished"] for r in records) / len(records),
-        "rollout/tokens": rollout_tokens,
-        "rollout/tokens_per_s": rollout_tokens / max(rollout_time, 1e-9),
-        "time/rollout_s": rollout_time,
+    # Sums (and maxima) over every rank's completions; the same keys on every rank.
+    local_sums: dict[str, float] = {
+        "completions": len(records), "success": sum(r["success"] for r in records),
+        "length": sum(r["length"] for r in records), "truncated": sum(not r["finished"] for r in records),
+        "tokens": rollout_tokens,
     }
     for key in ("accuracy", "format", "length"):
         values = [row[key] for row in component_rows if key in row]
-        if values:
-            metrics[f"reward/{key}"] = sum(values) / len(values)
+        local_sums[f"component/{key}"], local_sums[f"component_count/{key}"] = sum(values), len(values)
+    sums = distributed.all_reduce_numbers(context, local_sums)
+    maxima = distributed.all_reduce_numbers(
+        context, {"length": max(r["length"] for r in records), "time": rollout_time}, op="max")
+    completions = max(sums["completions"], 1)
+    metrics: dict[str, Any] = {
+        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(rewards).items()},
+        "success_rate": sums["success"] / completions,
+        "completion/length_mean": sums["length"] / completions,
+        "completion/length_max": maxima["length"],
+        "completion/truncated_share": sums["truncated"] / completions,
+        "rollout/tokens": int(sums["tokens"]),
+        "rollout/tokens_per_s": sums["tokens"] / max(maxima["time"], 1e-9),
+        "time/rollout_s": maxima["time"],
+    }
+    for key in ("accuracy", "format", "length"):
+        if sums[f"component_count/{key}"]:
+            metrics[f"reward/{key}"] = sums[f"component/{key}"] / sums[f"component_count/{key}"]
     return batches, rewards, metrics, records
 
 
-def _micro_batches(batch: StepBatch, size: int) -> list[StepBatch]:
-    out = []
-    for start in range(0, batch.input_ids.shape[0], size):
-        piece = slice(start, start + size)
-        out.append(StepBatch(
-            input_ids=batch.input_ids[piece], attention_mask=batch.attention_mask[piece],
-            completion_mask=batch.completion_mask[piece], advantages=batch.advantages[piece],
-            prompt_length=batch.prompt_length,
-        ))
-    return out
+def _micro_batches(batch: StepBatch, size: int, *, whole_groups: bool = False) -> list[StepBatch]:
+    """Cut a rollout chunk into micro-batches of at most `size` sequences.
+
+    whole_groups (shared-prefix training): a micro-batch holds whole groups, size // G of them,
+    so that each prompt runs once per micro-batch; when size < G, consecutive parts of one group
+    of at most `size` rows (the rows of a part still share their prompt).  Otherwise pieces of
+    `size` rows with group_size 1 (every row computed on its own).
+    """
+    rows, group = batch.input_ids.shape[0], batch.group_size
+    if rows % group:
+        raise ValueError(f"StepBatch has {rows} rows, not a multiple of its group_size {group}")
+    if whole_groups and group > 1 and size >= group:
+        step = size // group * group
+        pieces = [(start, min(start + step, rows), group) for start in range(0, rows, step)]
+    elif whole_groups and group > 1:
+        pieces = [(start, min(start + size, first + group), min(start + size, first + group) - start)
+                  for first in range(0, rows, group) for start in range(first, first + group, size)]
+    else:
+        pieces = [(start, min(start + size, rows), 1) for start in range(0, rows, size)]
+    return [StepBatch(input_ids=batch.input_ids[start:end], attention_mask=batch.attention_mask[start:end],
+                      completion_mask=batch.completion_mask[start:end], advantages=batch.advantages[start:end],
+                      prompt_length=batch.prompt_length, group_size=piece_group)
+            for start, end, piece_group in pieces]
 
 
 def _sequence_logprobs(policy: Policy, batch: StepBatch, temperature: float, *, entropy: bool = False) -> Any:
-    return token_logprobs(
-        policy.model, batch.input_ids, batch.attention_mask, completion_start=batch.prompt_length,
-        temperature=temperature, position_ids=_position_ids(batch.attention_mask), return_entropy=entropy,
+    """Log-probs [n, T] of the completion tokens (and their entropies, with `entropy`).
+
+    A batch with group_size G > 1 is computed by `grouped_token_logprobs`: each prompt runs once
+    and its G completions attend to its keys and values (same values as the unshared forward).
+    """
+    if batch.group_size == 1:
+        return token_logprobs(
+            policy.model, batch.input_ids, batch.attention_mask, completion_start=batch.prompt_length,
+            temperature=temperature, position_ids=_position_ids(batch.attention_mask), return_entropy=entropy,
+        )
+    rows, group, prompt_length = batch.input_ids.shape[0], batch.group_size, batch.prompt_length
+    input_ids = batch.input_ids.view(rows // group, group, -1)
+    attention_mask = batch.attention_mask.view(rows // group, group, -1)
+    prompt_ids, prompt_mask = input_ids[:, 0, :prompt_length], attention_mask[:, 0, :prompt_length]
+    if not (torch.equal(input_ids[:, :, :prompt_length], prompt_ids[:, None].expand(-1, group, -1))
+            and torch.equal(attention_mask[:, :, :prompt_length], prompt_mask[:, None].expand(-1, group, -1))):
+        raise ValueError(f"StepBatch.group_size is {group} but the rows of a group hold different prompts")
+    result = grouped_token_logprobs(
+        policy.model, prompt_ids, prompt_mask, input_ids[:, :, prompt_length:], attention_mask[:, :, prompt_length:],
+        temperature=temperature, return_entropy=entropy,
     )
+    return tuple(part.flatten(0, 1) for part in result) if entropy else result.flatten(0, 1)
 
 
 def policy_update(
@@ -323,16 +446,25 @@ def policy_update(
     optimizer: torch.optim.Optimizer,
     *,
     reference_policy: Policy | None = None,
+    context: Distributed = SINGLE,
 ) -> dict[str, Any]:
     """mu passes of clipped-objective gradient steps over the step's completions.
 
-    The loss normalisers (sequence count, token count) are those of the whole step, so the summed
-    micro-batch gradients equal the gradient of one large batch.  Returns metrics; the optimizer
-    step and gradient clipping happen here too (one optimizer step per pass).
+    The loss normalisers (sequence count, token count) are those of the whole step on every
+    rank, summed before the first backward, so the summed micro-batch gradients of all ranks
+    equal the gradient of one large batch; they are summed across ranks once per pass
+    (`distributed.sum_gradients`; FSDP reduce-scatters them itself).  A non-finite loss or
+    gradient norm on any rank skips the whole step on every rank.  Returns metrics (sums over
+    ranks); the optimizer step and gradient clipping happen here too (one optimizer step per pass).
     """
-    micro = [m for batch in batches for m in _micro_batches(batch, config.train_micro_batch)]
-    num_sequences = sum(int(m.input_ids.shape[0]) for m in micro)
-    num_items = int(sum(m.completion_mask.sum() for m in micro))
+    micro = [m for batch in batches
+             for m in _micro_batches(batch, config.train_micro_batch, whole_groups=config.share_prefix)]
+    totals = distributed.all_reduce_numbers(context, {
+        "sequences": sum(int(m.input_ids.shape[0]) for m in micro),
+        "items": float(sum(m.completion_mask.sum() for m in micro)),
+    })
+    num_sequences, num_items = int(totals["sequences"]), int(totals["items"])
+    sharded = bool(distributed.fsdp_modules(policy.model))
 
     old_logprobs: list[torch.Tensor | None] = [None] * len(micro)
     ref_logprobs: list[torch.Tensor | None] = [None] * len(micro)
@@ -364,8 +496,12 @@ def policy_update(
             )
             if not torch.isfinite(loss):
                 nonfinite = True
-                break
+                if not sharded:
+                    break
+                # FSDP's backward holds collectives every rank must join: run it, discard the result.
             loss.backward()
+            if nonfinite:
+                continue
             loss_total += float(loss.detach())
             tokens = float(m.completion_mask.sum())
             train_tokens += int(m.attention_mask.sum())
@@ -374,19 +510,23 @@ def policy_update(
                 if isinstance(value, (int, float)):
                     sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key == "num_tokens" else weight)
             sums["entropy"] = sums.get("entropy", 0.0) + float((entropy * m.completion_mask).sum()) / max(num_items, 1)
-        if nonfinite:
+        if distributed.any_rank(context, nonfinite):
+            nonfinite = True
             optimizer.zero_grad(set_to_none=True)
             break
-        if config.max_grad_norm > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm))
-        else:
-            grad_norm = float(torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])))
-        if not math.isfinite(grad_norm):
+        distributed.sum_gradients(context, params)
+        # max_norm = inf only measures (the scale factor is exactly 1).
+        grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+        if not math.isfinite(grad_norm):  # identical on every rank: the gradients are
             nonfinite = True
             optimizer.zero_grad(set_to_none=True)
             break
         optimizer.step()
-    elapsed = time.perf_counter() - began
+    elapsed = distributed.all_reduce_numbers(context, {"time": time.perf_counter() - began}, op="max")["time"]
+    if nonfinite:  # agreed by every rank; a rank that stopped early holds fewer keys
+        sums = {}
+    sums = distributed.all_reduce_numbers(context, {**sums, "__loss": loss_total, "__tokens": train_tokens})
+    loss_total, train_tokens = sums.pop("__loss"), sums.pop("__tokens")
     metrics = {f"loss/{k}": v / config.mu for k, v in sums.items() if k != "entropy"}
     metrics.update({
         "loss": loss_total, "grad_norm": grad_norm, "entropy": sums.get("entropy", 0.0) / config.mu,
@@ -415,95 +555,148 @@ def make_reward_fn(config: GRPOConfig) -> Callable[[list[str], list[dict]], list
     return reward_fn
 
 
-def load_start_policy(config: GRPOConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> Policy:
+def load_start_policy(config: GRPOConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
+                      context: Distributed = SINGLE) -> Policy:
+    """The stage's starting point: --init (an SFT checkpoint, lineage merged) or --model, with a
+    fresh LoRA adapter unless --no-lora.  `--model tiny` is built once, by rank 0."""
     lora = None
     if config.lora:
         lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                             target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()))
     if config.init and config.model:
         raise SystemExit("give either --init (an SFT checkpoint) or --model (a plain model), not both")
-    if config.init:
-        return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
-    model = config.model or "tiny"
-    if model == "tiny":
-        from grpo.tiny import prepare_tiny_base
+    source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
+    try:
+        if config.init:
+            return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device),
+                               trust_remote_code=config.trust_remote_code)
+        model = config.model or "tiny"
+        if model == "tiny":
+            from grpo.tiny import prepare_tiny_base
 
-        base = prepare_tiny_base(Path(config.out) / "base-tiny", seed=config.seed, vocab_size=config.tiny_vocab_size)
-        log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
-        model = str(base)
-    return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+            directory = Path(config.out) / "base-tiny"
+            if context.is_main:  # other ranks must not write into the run directory
+                prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)
+            distributed.barrier(context)
+            base = prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)  # reused as is
+            log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
+            model = str(base)
+        return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:  # a missing or unreadable model or checkpoint
+        raise SystemExit(f"{source}: {error}") from None
 
 
 def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], list[Any]] | None = None) -> Path:
-    """Run GRPO as configured; returns the run directory.  Resumable with config.resume."""
+    """Run GRPO as configured; returns the run directory.  Resumable with config.resume.
+
+    Under torchrun every process runs this; rank 0 alone writes the run directory.
+    """
+    with distributed.distributed_run(config.device) as (context, device):
+        return _train(config, context, device, reward_fn)
+
+
+def _train(config: GRPOConfig, context: Distributed, device: torch.device,
+           reward_fn: Callable[[list[str], list[dict]], list[Any]] | None) -> Path:
     from tqdm.auto import tqdm
 
+    from grpo.checkpoint import load_trainer_state
+
+    check_world(config, context)
     run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    distributed.barrier(context)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     if config.deterministic:
         torch.use_deterministic_algorithms(True)
-    seed_everything(config.seed)
-    logger = RunLogger(run_dir)
-    log = lambda message: (print(message), logger.text(message))  # noqa: E731
-    device = resolve_device(config.device)
-    dtype = resolve_dtype(config.dtype, device)
-
+    seed_everything(config.seed)  # the same seed on every rank: identical initialisation
+    if config.resume and context.is_main:
+        remove_stale_temporaries(run_dir)  # what a killed checkpoint writer left behind
+    distributed.barrier(context)
     resume_from = latest_checkpoint(run_dir) if config.resume else None
+    state = load_trainer_state(resume_from) if resume_from is not None else None
+    start_step = int(state["step"]) if state is not None else 0
+    if state is not None and context.is_main:
+        trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
+    logger = RunLogger(run_dir, enabled=context.is_main)
+    log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
     if config.resume and resume_from is None:
         log(f"--resume: no checkpoint in {run_dir}/checkpoints yet, starting from step 0")
-    write_json(run_dir / "config.json", config_to_dict(config))
+    if context.enabled:
+        log(f"distributed: {context.world_size} processes ({context.backend}), "
+            f"{config.prompts_per_step // context.world_size} prompts per rank and step"
+            + (", FSDP2" if config.fsdp else ""))
+    dtype = resolve_dtype(config.dtype, device)
+    if context.is_main:
+        write_json(run_dir / "config.json", config_to_dict(config))
 
-    policy = load_start_policy(config, device, dtype, log)
+    policy = load_start_policy(config, device, dtype, log, context)
     reference_policy = None
     if config.beta > 0 and not policy.use_lora:
         import copy
 
+        # A frozen copy of the starting point, taken before a checkpoint's weights are restored.
         reference_policy = dataclasses.replace(policy, model=copy.deepcopy(policy.model).eval().requires_grad_(False))
+    if resume_from is not None:
+        check_resume_compatible(resume_from, config, policy)
+        restore_policy_weights(policy, resume_from)  # before sharding: every rank reads the whole file
+    if config.fsdp:
+        distributed.shard_model(context, policy.model, device)
+        if reference_policy is not None:
+            distributed.shard_model(context, reference_policy.model, device)
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    if not config.fsdp:
+        distributed.broadcast_parameters(context, params)  # replicas start identical
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    generator = torch.Generator(device="cpu").manual_seed(config.seed)
     reward_fn = reward_fn or make_reward_fn(config)
     prompts = build_prompts(config, policy.tokenizer, log)
 
-    start_step, skipped_steps = 0, 0
-    if resume_from is not None:
-        state = resume_training(resume_from, policy=policy, optimizer=optimizer)
-        generator.set_state(state["generator"])
-        start_step = int(state["step"])
+    skipped_steps = 0
+    if state is not None:
+        load_optimizer_state(optimizer, state, model=policy.model)
         skipped_steps = int(state.get("skipped_steps", 0))
         log(f"resumed from {resume_from} at step {start_step}")
 
     def save(step: int) -> Path:
+        # Sampling is re-derived from (seed, step, prompt position): no generator state to keep.
+        sampling = {"scheme": "derived_seed(seed, step, first prompt position of the rollout chunk)", "seed": config.seed}
         path = save_training_checkpoint(run_dir, step, policy=policy, optimizer=optimizer, config=config,
-                                        extra={"generator": generator.get_state(), "skipped_steps": skipped_steps},
-                                        keep_last=config.keep_checkpoints)
+                                        extra={"generator": sampling, "skipped_steps": skipped_steps,
+                                               "world_size": context.world_size},
+                                        keep_last=config.keep_checkpoints, context=context)
         log(f"checkpoint {path}")
         return path
 
     bad_steps = 0  # consecutive steps with a non-finite loss
-    progress = tqdm(total=config.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True)
+    progress = tqdm(total=config.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, disable=not context.is_main)
     batches_iter = prompt_batches(len(prompts), config.prompts_per_step, seed=config.seed, start_step=start_step)
-    step = start_step
+    step, stopping = start_step, False
     try:
         with StopRequest() as stop:
             for step, indices in batches_iter:
-                if step >= config.max_steps or stop:
+                if step >= config.max_steps:
+                    break
+                # A signal may reach the ranks at different moments: stop together, after the same step.
+                stopping = distributed.any_rank(context, bool(stop))
+                if stopping:
                     break
                 began = time.perf_counter()
+                torch.manual_seed(derived_seed(config.seed, step, context.rank))  # dropout, if any
                 for group in optimizer.param_groups:
                     group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps,
                                         total_steps=config.max_steps, schedule=config.lr_schedule)
-                step_prompts = [prompts[i] for i in indices]
+                first, last = distributed.shard_bounds(len(indices), context.rank, context.world_size)
                 batches, rewards, metrics, records = rollout_and_score(
-                    policy, step_prompts, config, generator=generator, reward_fn=reward_fn, device=device,
+                    policy, [prompts[i] for i in indices[first:last]], config, step=step, reward_fn=reward_fn,
+                    device=device, first_position=first, context=context,
                 )
-                if not torch.isfinite(rewards).any():
+                if not torch.isfinite(rewards).any():  # the rewards of every rank: all ranks agree
                     save(step)
                     raise SystemExit(f"step {step + 1}: every reward is NaN or infinite (the reward function could "
                                      "not score any completion); stopping instead of training on garbage")
-                metrics.update(policy_update(policy, batches, config, optimizer, reference_policy=reference_policy))
+                metrics.update(policy_update(policy, batches, config, optimizer, reference_policy=reference_policy,
+                                             context=context))
                 metrics["lr"] = optimizer.param_groups[0]["lr"]
                 metrics["time/step_s"] = time.perf_counter() - began
                 if metrics["nonfinite_loss"]:
@@ -528,10 +721,12 @@ def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], li
                 if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < config.max_steps:
                     save(step + 1)
         final_step = step  # the first step not taken
-        save(final_step)
+        if final_step != start_step or resume_from is None:  # a resume that took no step has its checkpoint
+            save(final_step)
     finally:
         progress.close()
         logger.close()
-    if stop:
-        raise SystemExit(f"stopped by {stop.signal_name} at step {final_step}; resume with --resume --out {run_dir}")
+    if stopping:
+        raise SystemExit(f"stopped by {stop.signal_name or 'a signal to another rank'} at step {final_step}; "
+                         f"resume with --resume --out {run_dir}")
     return run_dir

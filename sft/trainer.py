@@ -11,6 +11,11 @@ states of masked positions are projected onto the vocabulary (no [N, L, V] logit
 Stage 1 renders every sample with an empty think block; stage 2 trains only on the samples that
 carry written reasoning (at most 100 in the paper) and starts from the stage-1 checkpoint
 (`--init`), whose adapters are merged before a fresh LoRA is attached (grpo.policy.load_policy).
+
+Many processes (torchrun): the step's grad_accum x N micro-batches are consecutive entries of one
+seeded list (the same on every rank), rank r takes grad_accum of them, T is all-reduced before
+the first backward and the gradients are summed once per step (grpo/distributed.py), so N
+processes with grad_accum A train exactly like one process with grad_accum A x N.
 """
 
 from __future__ import annotations
@@ -24,10 +29,21 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from grpo.checkpoint import latest_checkpoint, resume_training, save_training_checkpoint, write_json
+from grpo import distributed
+from grpo.checkpoint import (
+    check_resume_compatible,
+    latest_checkpoint,
+    load_optimizer_state,
+    load_trainer_state,
+    remove_stale_temporaries,
+    restore_policy_weights,
+    save_training_checkpoint,
+    write_json,
+)
 from grpo.config import check_ranges, config_to_dict, field
+from grpo.distributed import SINGLE, Distributed
 from grpo.policy import PLAIN_HEAD_MODEL_TYPES, LoraSettings, Policy, causal_lm_of, load_policy
-from grpo.runtime import RunLogger, StopRequest, lr_at, resolve_device, resolve_dtype, seed_everything
+from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DEFAULT_DATA = {"base": "synthetic:train", "coldstart": "synthetic:coldstart"}
@@ -54,9 +70,12 @@ class SFTConfig:
     dtype: str = field("auto", "float32, bfloat16, float16 or auto")
     trust_remote_code: bool = field(False, "allow model repositories to run their own code")
     threads: int = field(0, "CPU threads for torch (0: torch's default)")
+    deterministic: bool = field(False, "torch deterministic algorithms (for exact resume checks)")
+    fsdp: bool = field(False, "torchrun only: shard parameters, gradients and optimizer state with FSDP2 "
+                              "(full fine-tuning: needs --no-lora)")
     # data
     data: str | None = field(None, "training data: a path or synthetic:<split> (default: by stage)")
-    data_format: str | None = field(None, "force the data format: apigen, tau or almita")
+    data_format: str | None = field(None, "force the data format (default: detected)", choices=("apigen", "tau", "almita"))
     val_fraction: float = field(0.05, "share of conversations held out for the validation loss")
     max_length: int = field(1024, "token limit of a rendered sample; older turns are dropped beyond it")
     max_samples: int = field(0, "use at most this many training samples (0: all)")
@@ -70,6 +89,7 @@ class SFTConfig:
     warmup_steps: int = field(10, "linear warmup steps")
     weight_decay: float = field(0.0, "AdamW weight decay")
     max_grad_norm: float = field(1.0, "gradient clipping (0: off)")
+    max_bad_steps: int = field(3, "stop after this many consecutive steps with a NaN/inf loss (each is skipped)")
     # policy
     lora: bool = field(True, "train LoRA adapters (--no-lora: full fine-tuning, needed for a tiny model from random weights)")
     lora_r: int = field(16, "LoRA rank")
@@ -79,13 +99,17 @@ class SFTConfig:
     tiny_vocab_size: int = field(4096, "--model tiny: tokenizer vocabulary size")
 
     def __post_init__(self) -> None:
-        check_ranges(self, at_least_one=("micro_batch", "grad_accum", "log_every", "max_length", "lora_r"),
+        check_ranges(self, at_least_one=("micro_batch", "grad_accum", "log_every", "max_length", "lora_r",
+                                         "max_bad_steps"),
                      non_negative=("max_steps", "save_every", "keep_checkpoints", "eval_every", "threads",
                                    "max_samples", "warmup_steps", "lr", "weight_decay", "max_grad_norm",
                                    "lora_dropout"),
                      positive=("epochs",))
         if not 0 <= self.val_fraction < 1:
             raise ValueError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.fsdp and self.lora:
+            raise ValueError("--fsdp shards full fine-tuning; LoRA adapters are small enough to replicate "
+                             "(drop --fsdp, or add --no-lora)")
 
 
 def masked_nll_sum(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, int]:
@@ -108,16 +132,23 @@ def masked_nll_sum(model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, in
     return F.cross_entropy(logits.float(), targets, reduction="sum"), count
 
 
-def accumulate_gradients(model: torch.nn.Module, batches: list[Any], device: torch.device) -> tuple[float, int]:
-    """Backward the loss of one optimizer step made of micro-`batches`; returns (loss, loss tokens).
+def step_loss_tokens(batches: list[Any]) -> int:
+    """Loss tokens of micro-`batches` (the mask shifted by one, as masked_nll_sum counts them)."""
+    return sum(int(batch.loss_mask[:, 1:].sum()) for batch in batches)
+
+
+def accumulate_gradients(model: torch.nn.Module, batches: list[Any], device: torch.device, *,
+                         normaliser: int | None = None) -> tuple[float, int]:
+    """Backward the loss of one optimizer step made of micro-`batches`; returns (loss, normaliser T).
 
         L = sum_m masked_nll_sum(m) / T,   T = loss tokens of *all* micro-batches of the step
 
     Each micro-batch's backward adds d(nll_m / T) to the gradients already in `.grad`, so any
     split of the same samples into micro-batches gives the gradient of one large batch (dividing
     each micro-batch by its own token count and averaging would weight short ones up).
+    `normaliser` overrides T (a distributed step passes the loss tokens of every rank).
     """
-    step_tokens = sum(int(batch.loss_mask[:, 1:].sum()) for batch in batches)  # the step's normaliser
+    step_tokens = step_loss_tokens(batches) if normaliser is None else normaliser  # the step's normaliser
     step_loss = 0.0
     for batch in batches:
         nll, _ = masked_nll_sum(model, _to_device(batch, device))
@@ -207,19 +238,34 @@ def micro_batches_for_epoch(data: list[Any], config: SFTConfig, epoch: int) -> l
 
 
 @torch.no_grad()
-def validation_loss(policy: Policy, data: list[Any], config: SFTConfig, device: torch.device) -> float | None:
+def validation_loss(policy: Policy, data: list[Any], config: SFTConfig, device: torch.device,
+                    context: Distributed = SINGLE) -> float | None:
+    """Token-mean NLL of the held-out samples; ranks take every world_size-th chunk and sum.
+
+    Under FSDP every rank runs as many forward passes (their collectives must pair up): a rank
+    out of chunks repeats its first one and discards the result.
+    """
     from data.batching import collate
 
     if not data:
         return None
     policy.model.eval()
+    sharded = bool(distributed.fsdp_modules(policy.model))
+    size = config.micro_batch * 4
+    chunks = [data[start:start + size] for start in range(0, len(data), size)]
+    rounds = math.ceil(len(chunks) / context.world_size)
     total, count = 0.0, 0
-    for start in range(0, len(data), config.micro_batch * 4):
-        batch = _to_device(collate(data[start:start + config.micro_batch * 4], _pad_id(policy.tokenizer)), device)
+    for round_index in range(rounds):
+        index = round_index * context.world_size + context.rank
+        if index >= len(chunks) and not sharded:
+            break
+        batch = _to_device(collate(chunks[min(index, len(chunks) - 1)], _pad_id(policy.tokenizer)), device)
         nll, tokens = masked_nll_sum(policy.model, batch)
-        total, count = total + float(nll), count + tokens
+        if index < len(chunks):
+            total, count = total + float(nll), count + tokens
     policy.model.train()
-    return total / max(count, 1)
+    sums = distributed.all_reduce_numbers(context, {"total": total, "count": count})
+    return sums["total"] / max(sums["count"], 1)
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -230,60 +276,110 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
 
 
-def load_start_policy(config: SFTConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None]) -> Policy:
+def load_start_policy(config: SFTConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
+                      context: Distributed = SINGLE) -> Policy:
+    """--init (a checkpoint, lineage merged) or --model, with a fresh LoRA unless --no-lora;
+    `--model tiny` is built once, by rank 0."""
     lora = None
     if config.lora:
         lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                             target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()))
     if config.init and config.model:
         raise SystemExit("give either --init (a checkpoint) or --model (a plain model), not both")
-    if config.init:
-        return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
-    model = config.model or "tiny"
-    if model == "tiny":
-        from grpo.tiny import prepare_tiny_base
+    source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
+    try:
+        if config.init:
+            return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device),
+                               trust_remote_code=config.trust_remote_code)
+        model = config.model or "tiny"
+        if model == "tiny":
+            from grpo.tiny import prepare_tiny_base
 
-        model = str(prepare_tiny_base(Path(config.out) / "base-tiny", seed=config.seed, vocab_size=config.tiny_vocab_size))
-        log(f"tiny base model at {model} (random weights)")
-    return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+            directory = Path(config.out) / "base-tiny"
+            if context.is_main:  # other ranks must not write into the run directory
+                prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)
+            distributed.barrier(context)
+            model = str(prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size))
+            log(f"tiny base model at {model} (random weights)")
+        return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+    except (OSError, ValueError) as error:  # a missing or unreadable model or checkpoint
+        raise SystemExit(f"{source}: {error}") from None
 
 
 def train(config: SFTConfig) -> Path:
-    """Run one SFT stage; returns the run directory (its newest checkpoint is the stage's result)."""
+    """Run one SFT stage; returns the run directory (its newest checkpoint is the stage's result).
+
+    Under torchrun every process runs this; rank 0 alone writes the run directory.
+    """
+    with distributed.distributed_run(config.device) as (context, device):
+        return _train(config, context, device)
+
+
+def _train(config: SFTConfig, context: Distributed, device: torch.device) -> Path:
     from tqdm.auto import tqdm
 
     from data.batching import collate
+    from data.loaders import DataError
 
+    if config.fsdp and not context.enabled:
+        raise SystemExit("--fsdp needs several processes: start the run with torchrun --nproc_per_node N (N >= 2)")
     run_dir = Path(config.out)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            remove_stale_temporaries(run_dir)  # what a killed checkpoint writer left behind
+    distributed.barrier(context)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    seed_everything(config.seed)
-    logger = RunLogger(run_dir)
-    log = lambda message: (print(message), logger.text(message))  # noqa: E731
-    device = resolve_device(config.device)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(config.seed)  # the same seed on every rank: identical initialisation
+    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    state = load_trainer_state(resume_from) if resume_from is not None else None
+    start_step = int(state["step"]) if state is not None else 0
+    if state is not None and context.is_main:
+        trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
+    logger = RunLogger(run_dir, enabled=context.is_main)
+    log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
     dtype = resolve_dtype(config.dtype, device)
-    write_json(run_dir / "config.json", config_to_dict(config))
+    if context.is_main:
+        write_json(run_dir / "config.json", config_to_dict(config))
 
-    policy = load_start_policy(config, device, dtype, log)
-    data = prepare_data(config, policy.tokenizer, log)
+    policy = load_start_policy(config, device, dtype, log, context)
+    try:
+        data = prepare_data(config, policy.tokenizer, log)
+    except (DataError, ValueError) as error:
+        raise SystemExit(f"--data {config.data or DEFAULT_DATA[config.stage]}: {error}") from None
+    if resume_from is not None:
+        check_resume_compatible(resume_from, config, policy)
+        restore_policy_weights(policy, resume_from)  # before sharding: every rank reads the whole file
+    if config.fsdp:
+        distributed.shard_model(context, policy.model, device)
     params = [p for p in policy.model.parameters() if p.requires_grad]
+    if not config.fsdp:
+        distributed.broadcast_parameters(context, params)  # replicas start identical
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # One optimizer step = grad_accum micro-batches on each of world_size ranks, consecutive in the
+    # (rank-independent) list of the epoch's micro-batches.
+    per_step = config.grad_accum * context.world_size
     micro_per_epoch = len(micro_batches_for_epoch(data.train, config, 0))
-    steps_per_epoch = max(1, micro_per_epoch // config.grad_accum)
+    steps_per_epoch = max(1, micro_per_epoch // per_step)
     max_steps = config.max_steps or max(1, math.ceil(config.epochs * steps_per_epoch))
 
-    start_step = 0
-    resume_from = latest_checkpoint(run_dir) if config.resume else None
-    if resume_from is not None:
-        start_step = int(resume_training(resume_from, policy=policy, optimizer=optimizer)["step"])
+    skipped_steps = int(state.get("skipped_steps", 0)) if state is not None else 0
+    if state is not None:
+        load_optimizer_state(optimizer, state, model=policy.model)
         log(f"resumed from {resume_from} at step {start_step}")
-    log(f"stage {config.stage}: {data.stats['train_samples']} samples in {len(data.train)} sequences, {steps_per_epoch} steps/epoch, {max_steps} steps, "
-        f"{sum(p.numel() for p in params):,} trainable parameters")
+    log(f"stage {config.stage}: {data.stats['train_samples']} samples in {len(data.train)} sequences, "
+        f"{steps_per_epoch} steps/epoch, {max_steps} steps, {sum(p.numel() for p in params):,} trainable parameters"
+        + (f" per rank ({context.world_size} ranks, FSDP2)" if config.fsdp else "")
+        + (f", {context.world_size} processes x {config.grad_accum} micro-batches per step" if context.enabled else ""))
 
     def save(step: int) -> Path:
         path = save_training_checkpoint(run_dir, step, policy=policy, optimizer=optimizer, config=config,
-                                        extra={"data_stats": data.stats}, keep_last=config.keep_checkpoints)
+                                        extra={"data_stats": data.stats, "skipped_steps": skipped_steps,
+                                               "world_size": context.world_size},
+                                        keep_last=config.keep_checkpoints, context=context)
         log(f"checkpoint {path}")
         return path
 
@@ -292,55 +388,84 @@ def train(config: SFTConfig) -> Path:
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def micro_batch(index: int) -> list[int]:
-        epoch, position = divmod(index, steps_per_epoch * config.grad_accum)
+        epoch, position = divmod(index, steps_per_epoch * per_step)
         if epoch not in epoch_cache:
             epoch_cache.clear()
             epoch_cache[epoch] = micro_batches_for_epoch(data.train, config, epoch)
         return epoch_cache[epoch][position % len(epoch_cache[epoch])]
 
-    progress = tqdm(total=max_steps, initial=start_step, desc=f"sft:{config.stage}", dynamic_ncols=True)
-    step = start_step
+    progress = tqdm(total=max_steps, initial=start_step, desc=f"sft:{config.stage}", dynamic_ncols=True,
+                    disable=not context.is_main)
+    step, bad_steps, stopping = start_step, 0, False
     window: dict[str, float] = {"steps": 0, "loss": 0.0, "tokens": 0, "padding": 0, "cells": 0, "time": 0.0}
-    with StopRequest() as stop:
-        while step < max_steps and not stop:
-            began = time.perf_counter()
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=max_steps,
-                                    schedule=config.lr_schedule)
-            batches = [collate([data.train[i] for i in micro_batch(step * config.grad_accum + k)], pad_id)
-                       for k in range(config.grad_accum)]
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, step_tokens = accumulate_gradients(policy.model, batches, device)
-            window["padding"] += sum(int((batch.attention_mask == 0).sum()) for batch in batches)
-            window["cells"] += sum(batch.attention_mask.numel() for batch in batches)
-            if not math.isfinite(step_loss):
+    try:
+        with StopRequest() as stop:
+            while step < max_steps:
+                # A signal may reach the ranks at different moments: stop together, after the same step.
+                stopping = distributed.any_rank(context, bool(stop))
+                if stopping:
+                    break
+                began = time.perf_counter()
+                torch.manual_seed(derived_seed(config.seed, step, context.rank))  # dropout, if any
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=max_steps,
+                                        schedule=config.lr_schedule)
+                first = step * per_step + context.rank * config.grad_accum  # this rank's micro-batches
+                batches = [collate([data.train[i] for i in micro_batch(first + k)], pad_id) for k in range(config.grad_accum)]
                 optimizer.zero_grad(set_to_none=True)
-                raise SystemExit(f"step {step}: non-finite loss {step_loss}; lower --lr (checkpoints in {run_dir})")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or float("inf")))
-            optimizer.step()
-            step += 1
-            window["steps"] += 1
-            window["loss"] += step_loss
-            window["tokens"] += step_tokens
-            window["time"] += time.perf_counter() - began
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.3f}")
-            evaluate_now = config.eval_every and step % config.eval_every == 0
-            if step % config.log_every == 0 or evaluate_now or step == max_steps:
-                metrics = {
-                    "loss": window["loss"] / max(window["steps"], 1), "grad_norm": grad_norm, "lr": optimizer.param_groups[0]["lr"],
-                    "epoch": step / steps_per_epoch, "padding_share": window["padding"] / max(window["cells"], 1),
-                    "tokens_per_s": window["tokens"] / max(window["time"], 1e-9),
-                }
-                if evaluate_now or step == max_steps:
-                    metrics["val_loss"] = validation_loss(policy, data.validation, config, device)
-                logger.log(step, metrics)
-                window = dict.fromkeys(window, 0)
-            if config.save_every and step % config.save_every == 0 and step < max_steps:
-                save(step)
-    progress.close()
-    save(step)
-    logger.close()
-    if stop:
-        raise SystemExit(f"stopped by {stop.signal_name} at step {step}; resume with --resume --out {run_dir}")
+                step_tokens = int(distributed.all_reduce_numbers(context, {"tokens": step_loss_tokens(batches)})["tokens"])
+                local_loss, _ = accumulate_gradients(policy.model, batches, device, normaliser=step_tokens)
+                sums = distributed.all_reduce_numbers(context, {
+                    "loss": local_loss, "padding": sum(int((batch.attention_mask == 0).sum()) for batch in batches),
+                    "cells": sum(batch.attention_mask.numel() for batch in batches)})
+                step_loss = sums["loss"]  # NaN on every rank when it is NaN on one
+                window["padding"] += sums["padding"]
+                window["cells"] += sums["cells"]
+                grad_norm = math.nan
+                if math.isfinite(step_loss):
+                    distributed.sum_gradients(context, params)
+                    grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm or math.inf))
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    # Skip the update (the same decision on every rank: the sums are global).
+                    optimizer.zero_grad(set_to_none=True)
+                    bad_steps += 1
+                    skipped_steps += 1
+                    log(f"step {step + 1}: non-finite loss {step_loss} or gradient norm {grad_norm}, step skipped "
+                        f"({bad_steps} in a row)")
+                    if bad_steps >= config.max_bad_steps:
+                        logger.log(step + 1, {"loss": step_loss, "grad_norm": grad_norm, "skipped_steps": skipped_steps})
+                        raise SystemExit(f"stopping: {bad_steps} consecutive steps with a non-finite loss or gradient "
+                                         f"(--max-bad-steps {config.max_bad_steps}); lower --lr (checkpoints in {run_dir})")
+                else:
+                    bad_steps = 0
+                    optimizer.step()
+                    window["steps"] += 1  # the loss mean is over the steps taken
+                    window["loss"] += step_loss
+                    window["tokens"] += step_tokens
+                step += 1
+                window["time"] += time.perf_counter() - began
+                progress.update(1)
+                progress.set_postfix(loss=f"{step_loss:.3f}")
+                evaluate_now = config.eval_every and step % config.eval_every == 0
+                if step % config.log_every == 0 or evaluate_now or step == max_steps:
+                    metrics = {
+                        "loss": window["loss"] / max(window["steps"], 1), "grad_norm": grad_norm,
+                        "lr": optimizer.param_groups[0]["lr"], "epoch": step / steps_per_epoch,
+                        "padding_share": window["padding"] / max(window["cells"], 1),
+                        "tokens_per_s": window["tokens"] / max(window["time"], 1e-9), "skipped_steps": skipped_steps,
+                    }
+                    if evaluate_now or step == max_steps:
+                        metrics["val_loss"] = validation_loss(policy, data.validation, config, device, context)
+                    logger.log(step, metrics)
+                    window = dict.fromkeys(window, 0)
+                if config.save_every and step % config.save_every == 0 and step < max_steps:
+                    save(step)
+        if step != start_step or resume_from is None:  # a resume that took no step has its checkpoint
+            save(step)
+    finally:
+        progress.close()
+        logger.close()
+    if stopping:
+        raise SystemExit(f"stopped by {stop.signal_name or 'a signal to another rank'} at step {step}; "
+                         f"resume with --resume --out {run_dir}")
     return run_dir
