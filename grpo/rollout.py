@@ -18,7 +18,7 @@ For a batch of B prompts and a group size G:
 
 How the prompt cache is shared (step 3) depends on the architecture:
 
-- Shared-prefix attention (default for the decoder-only families in `SHARED_PREFIX_MODEL_TYPES`
+- Shared-prefix attention (default for the decoder-only families in `grpo.policy.SHARED_PREFIX_MODEL_TYPES`
   with full attention in every layer): the prompt's keys and values stay stored once per prompt,
   [B, kv_heads, P, head_dim]; only generated tokens have per-row keys and values, written into a
   preallocated buffer [rows, kv_heads, max_new_tokens, head_dim].  Attention of a decode query q
@@ -58,13 +58,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from grpo.policy import causal_lm_of, model_dtype_device, position_ids_from_mask
+from grpo.policy import causal_lm_of, model_dtype_device, position_ids_from_mask, supports_shared_prefix
 
-# Families whose attention layers call transformers' attention interface with the cache's keys and
-# values (all recent decoder-only LMs in transformers 5); others use the repeated-cache path.
-SHARED_PREFIX_MODEL_TYPES: frozenset[str] = frozenset({
-    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "phi3", "olmo2", "smollm3",
-})
 SHARED_PREFIX_ATTENTION = "grpo_shared_prefix"
 
 
@@ -367,14 +362,8 @@ class SharedPrefixDecoder:
     @staticmethod
     def supports(causal_lm: torch.nn.Module) -> bool:
         """Decoder-only families known to route attention through transformers' interface, with
-        full (not sliding-window) attention in every layer."""
-        config = causal_lm.config
-        if getattr(config, "model_type", None) not in SHARED_PREFIX_MODEL_TYPES:
-            return False
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types is not None:
-            return all(layer_type == "full_attention" for layer_type in layer_types)
-        return getattr(config, "sliding_window", None) is None
+        full (not sliding-window) attention in every layer (`grpo.policy.supports_shared_prefix`)."""
+        return supports_shared_prefix(causal_lm)
 
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
         from transformers import DynamicCache
