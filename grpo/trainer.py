@@ -127,8 +127,9 @@ class GRPOConfig:
         check_ranges(self, at_least_one=(
             "group_size", "prompts_per_step", "rollout_batch_prompts", "max_new_tokens", "mu", "train_micro_batch",
             "log_every", "max_bad_steps", "max_prompt_length", "lora_r"),
-            non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k", "min_new_tokens",
-                          "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm", "lora_dropout"),
+            non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k",
+                          "min_new_tokens", "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm",
+                          "lora_dropout"),
             positive=("temperature",))
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
