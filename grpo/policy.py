@@ -498,18 +498,20 @@ def _score_hidden(causal_lm: torch.nn.Module, hidden: Tensor, targets: Tensor, t
 # ----------------------------------------------------------------------------------------------
 
 
-@dataclass
 class _PromptPrefix:
     """The prompts' keys and values (one copy per prompt, with their autograd history) and the
-    masks the completion tokens attend with.  Reaches the attention function as the keyword
-    `prompt_prefix`."""
+    masks the completion tokens attend with; reaches the attention function as the keyword
+    `prompt_prefix`.  Deliberately not a dataclass: FSDP rebuilds dataclass and list keyword
+    arguments before each layer's forward, and `calls` must count on the caller's object."""
 
-    keys: list[Tensor]  # per layer [B, kv_heads, P, head_dim]
-    values: list[Tensor]  # per layer [B, kv_heads, P, head_dim]
-    prompt_mask: Tensor  # [B, P] bool, True on real prompt tokens
-    completion_mask: Tensor  # [B*G, T'] bool, True on real completion tokens (the keys of the own part)
-    group_size: int
-    calls: int = 0
+    def __init__(self, keys: list[Tensor], values: list[Tensor], prompt_mask: Tensor, completion_mask: Tensor,
+                 group_size: int) -> None:
+        self.keys = keys  # per layer [B, kv_heads, P, head_dim]
+        self.values = values  # per layer [B, kv_heads, P, head_dim]
+        self.prompt_mask = prompt_mask  # [B, P] bool, True on real prompt tokens
+        self.completion_mask = completion_mask  # [B*G, T'] bool, True on real completion tokens (own keys)
+        self.group_size = group_size
+        self.calls = 0  # attention calls served: one per layer when the model routes attention here
 
 
 def supports_shared_prefix(model: torch.nn.Module) -> bool:

@@ -173,6 +173,25 @@ def test_full_parameter_gradients_equal_the_unshared_forward():
     assert_gradients_equal(shared, reference)
 
 
+def test_layers_that_rebuild_their_keyword_arguments_still_share():
+    """FSDP copies dataclass/list keyword arguments before each layer's forward (torch's
+    `_apply_to_tensors`); the prompt prefix must survive that, call count included."""
+    from torch.distributed.utils import _apply_to_tensors
+
+    model = small_model()
+    def rebuild(module, args, kwargs):
+        return args, _apply_to_tensors(lambda tensor: tensor, kwargs)
+
+    hooks = [layer.register_forward_pre_hook(rebuild, with_kwargs=True) for layer in model.model.layers]
+    inputs = grouped_inputs()
+    try:
+        shared = grouped_token_logprobs(model, **inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(shared, unshared(model, inputs), rtol=1e-5, atol=2e-6)
+
+
 def test_unsupported_family_falls_back_to_the_unshared_forward():
     """Sliding-window layers cannot share the prompt cache this way: same result, unshared."""
     model = small_model(use_sliding_window=True, sliding_window=3, max_window_layers=1)
