@@ -1,0 +1,301 @@
+"""Tests for data-parallel training (grpo/distributed.py) with 2 real CPU processes (gloo).
+
+One `torchrun --nproc_per_node 2` launch runs this file as a script (`worker`, at the bottom):
+the two processes open one gloo group and run the command lines of `grpo.train` (parsed, then
+`train` with a scripted reward that has spread inside groups) and `sft.train.main` several
+times in a row (one launch: the ~7 s import cost is paid once).  The
+references run in the test process with one process and the same *global* batch:
+
+- GRPO with LoRA, 4 prompts per step (2 per rank, one rollout chunk each), batch-std
+  advantages (the global std needs the all-gathered rewards), beta > 0: after 3 steps the
+  adapter equals the one-process adapter, and the logged metrics (global reductions) agree;
+  a 2-step run resumed to 3 steps by both ranks equals it too.
+- SFT with LoRA, grad_accum 1 on each of 2 ranks == grad_accum 2 on one process.
+- GRPO with --fsdp --no-lora (FSDP2 on gloo works): the full weights after 2 steps equal the
+  one-process full fine-tuning, and the checkpoint is a plain safetensors model.
+- Rank 0 alone writes the run directory: one metrics line per step, one log line per event.
+
+Pure functions (shard_bounds, rollout_chunks, the single-process collectives) are tested
+directly.  Equality holds to float tolerance: the ranks' gradients are summed in another order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def test_shard_bounds_are_contiguous_and_cover_everything():
+    from grpo.distributed import shard_bounds
+
+    assert [shard_bounds(8, rank, 4) for rank in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert shard_bounds(5, 0, 1) == (0, 5)
+    with pytest.raises(ValueError, match="cannot be split evenly over 3"):
+        shard_bounds(8, 0, 3)
+
+
+def test_rollout_chunks_are_cut_at_global_multiples_and_rank_bounds():
+    from grpo.trainer import rollout_chunks
+
+    # One process, 8 prompts in chunks of 4; two ranks of 4 each cut the same chunks.
+    assert rollout_chunks(0, 8, 4) == [(0, 4), (4, 8)]
+    assert rollout_chunks(0, 4, 4) + rollout_chunks(4, 8, 4) == [(0, 4), (4, 8)]
+    # A rank bound inside a chunk (3 ranks x 2 prompts, chunks of 4): cut there, never straddled.
+    assert rollout_chunks(2, 4, 4) == [(2, 4)] and rollout_chunks(4, 6, 4) == [(4, 6)]
+    assert rollout_chunks(1, 7, 4) == [(1, 4), (4, 7)]
+
+
+def test_single_process_collectives_are_identities():
+    from grpo import distributed
+
+    single = distributed.SINGLE
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    assert torch.equal(distributed.all_gather_rows(single, values), values)
+    assert torch.equal(distributed.all_reduce(single, values, "max"), values)
+    assert distributed.all_reduce_numbers(single, {"a": 2.0}) == {"a": 2.0}
+    assert distributed.any_rank(single, True) and not distributed.any_rank(single, False)
+    parameter = torch.nn.Parameter(torch.ones(2))
+    parameter.grad = torch.full((2,), 3.0)
+    distributed.sum_gradients(single, [parameter])
+    assert torch.equal(parameter.grad, torch.full((2,), 3.0))
+
+
+def test_derived_seeds_depend_only_on_their_parts():
+    from grpo.runtime import derived_seed
+
+    assert derived_seed(0, 3, 4) == derived_seed(0, 3, 4)
+    assert len({derived_seed(0, 3, 4), derived_seed(0, 3, 6), derived_seed(0, 4, 4), derived_seed(1, 3, 4)}) == 4
+    assert 0 <= derived_seed(7, 1) < 2**63
+
+
+def test_fsdp_and_lora_and_world_size_are_checked(tmp_path):
+    from grpo.distributed import Distributed
+    from grpo.trainer import GRPOConfig, check_world
+    from sft.trainer import SFTConfig
+
+    with pytest.raises(ValueError, match="--fsdp shards full fine-tuning"):
+        GRPOConfig(fsdp=True)
+    with pytest.raises(ValueError, match="--fsdp shards full fine-tuning"):
+        SFTConfig(fsdp=True)
+    with pytest.raises(SystemExit, match="--prompts-per-step 5 must be a multiple of the number of processes \\(2\\)"):
+        check_world(GRPOConfig(prompts_per_step=5), Distributed(rank=0, world_size=2))
+    with pytest.raises(SystemExit, match="--fsdp needs several processes"):
+        check_world(GRPOConfig(fsdp=True, lora=False), Distributed())
+
+
+# ---------------------------------------------------------------------------------------------
+# Two processes vs one
+# ---------------------------------------------------------------------------------------------
+
+
+def grpo_argv(tiny_base: Path, data: Path, out: Path, **overrides) -> list[str]:
+    values = {"model": tiny_base, "data": data / "train.json", "out": out, "group-size": 2, "prompts-per-step": 4,
+              "rollout-batch-prompts": 2, "max-new-tokens": 6, "lora-r": 4, "lora-alpha": 8, "similarity": "lexical",
+              "save-every": 0, "sample-every": 0, "lr": 1e-2, "seed": 5, "threads": 1, "scale-rewards": "batch",
+              "beta": 0.05, "max-steps": 3, "device": "cpu"}
+    values.update(overrides)
+    argv = []
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is False:
+            argv.append(f"--no-{key}")
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def sft_argv(tiny_base: Path, data: Path, out: Path, **overrides) -> list[str]:
+    values = {"model": tiny_base, "data": data / "train.json", "out": out, "stage": "base", "lora-r": 4,
+              "lora-alpha": 8, "micro-batch": 2, "grad-accum": 2, "max-steps": 3, "lr": 1e-2, "warmup-steps": 0,
+              "eval-every": 0, "val-fraction": 0.2, "log-every": 1, "max-samples": 16, "seed": 2, "threads": 1,
+              "device": "cpu"}
+    values.update(overrides)
+    return [item for key, value in values.items() for item in (f"--{key}", str(value))]
+
+
+def scripted_rewards(texts: list[str], targets: list[dict]) -> list:
+    """A deterministic reward with spread inside groups (the tiny model's text earns none from the real one)."""
+    from rewards.score import RewardResult
+
+    results = []
+    for text in texts:
+        value = float(sum(map(ord, text)) % 7) / 3.0
+        results.append(RewardResult(total=value, components={"accuracy": value - 1.0}, success=value > 1.5, kind="answer"))
+    return results
+
+
+def run_grpo(argv: list[str]) -> None:
+    """`python -m grpo.train ARGV` with the scripted reward (parse_config + train, as main does)."""
+    from grpo.config import parse_config
+    from grpo.trainer import GRPOConfig, train
+
+    train(parse_config(GRPOConfig, argv), reward_fn=scripted_rewards)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def trained_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    from grpo.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    files = sorted(checkpoint.glob("adapter/*.safetensors")) or sorted(checkpoint.glob("model/*.safetensors"))
+    assert len(files) == 1, files
+    return load_file(files[0])
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], moved: dict | None = None):
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], rtol=1e-4, atol=2e-6, msg=name)
+    if moved is not None:  # the runs trained at all
+        assert any(not torch.equal(expected[name], moved[name]) for name in expected if name in moved)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """The shared tiny model and data (same paths and settings as test_grpo_trainer.py)."""
+    from data.synthetic import write_splits
+    from grpo.policy import TinyModelConfig
+    from grpo.tiny import prepare_tiny_base
+
+    data = tmp_path_factory.getbasetemp() / "trainer-data"
+    if not (data / "train.json").is_file():
+        write_splits(data, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
+    tiny_base = prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
+                                  model_config=TinyModelConfig(**TINY), data_spec=str(data / "train.json"))
+    return tiny_base, data
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(setup, tmp_path_factory):
+    """Launch the 2-process worker once; returns the run directories by name."""
+    tiny_base, data = setup
+    root = tmp_path_factory.mktemp("two-processes")
+    runs = {
+        "grpo": ("grpo", grpo_argv(tiny_base, data, root / "grpo")),
+        "grpo-split": ("grpo", grpo_argv(tiny_base, data, root / "grpo-split", **{"max-steps": 2})),
+        "grpo-resumed": ("grpo", grpo_argv(tiny_base, data, root / "grpo-split", resume=True)),
+        "sft": ("sft", sft_argv(tiny_base, data, root / "sft", **{"grad-accum": 1})),
+        "fsdp": ("grpo", grpo_argv(tiny_base, data, root / "fsdp", fsdp=True, lora=False, beta=0.0, lr=1e-3,
+                                   **{"max-steps": 2, "loss-type": "dapo"})),
+    }
+    spec = root / "spec.json"
+    spec.write_text(json.dumps([[entry, argv] for entry, argv in runs.values()]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(Path(__file__).resolve()), str(spec)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
+    return {name: root / name for name in runs} | {"grpo-resumed": root / "grpo-split", "stdout": result.stdout}
+
+
+@pytest.fixture(scope="module")
+def one_process(setup, tmp_path_factory):
+    """The one-process references, run in this process (threads restored afterwards)."""
+    import sft.train
+
+    tiny_base, data = setup
+    root = tmp_path_factory.mktemp("one-process")
+    threads = torch.get_num_threads()
+    try:
+        run_grpo(grpo_argv(tiny_base, data, root / "grpo"))
+        sft.train.main(sft_argv(tiny_base, data, root / "sft"))
+        run_grpo(grpo_argv(tiny_base, data, root / "full", lora=False, beta=0.0, lr=1e-3,
+                                  **{"max-steps": 2, "loss-type": "dapo"}))
+    finally:
+        torch.set_num_threads(threads)
+    return {"grpo": root / "grpo", "sft": root / "sft", "full": root / "full"}
+
+
+def test_grpo_two_processes_equal_one(two_process_runs, one_process):
+    expected = trained_tensors(one_process["grpo"])
+    assert_same_weights(trained_tensors(two_process_runs["grpo"]), expected,
+                        moved={name: torch.zeros_like(tensor) for name, tensor in expected.items() if "lora_B" in name})
+    # The logged metrics are global reductions: the same numbers as one process computed.
+    two, one = read_metrics(two_process_runs["grpo"]), read_metrics(one_process["grpo"])
+    assert [record["step"] for record in two] == [1, 2, 3]  # rank 0 alone logs
+    for key in ("reward/mean", "reward/std", "completion/length_mean", "completion/length_max", "success_rate",
+                "loss", "loss/kl_mean", "loss/num_tokens", "grad_norm", "reward/zero_variance_group_share"):
+        assert [record[key] for record in two] == pytest.approx([record[key] for record in one], rel=1e-4, abs=1e-6), key
+    assert two[0]["loss/kl_mean"] == pytest.approx(0.0, abs=1e-7) and two[2]["loss/kl_mean"] > 0
+    log = (two_process_runs["grpo"] / "log.txt").read_text()
+    assert "distributed: 2 processes (gloo), 2 prompts per rank and step" in log
+    assert log.count("checkpoint ") == 1 and log.count("data ") == 1  # one writer
+
+
+def test_grpo_resumed_by_both_ranks_equals_uninterrupted(two_process_runs, one_process):
+    resumed = two_process_runs["grpo-resumed"]
+    assert_same_weights(trained_tensors(resumed), trained_tensors(one_process["grpo"]))
+    assert [record["step"] for record in read_metrics(resumed)] == [1, 2, 3]
+    assert "at step 2" in (resumed / "log.txt").read_text()
+
+
+def test_sft_two_processes_equal_one_with_the_same_global_batch(two_process_runs, one_process):
+    assert_same_weights(trained_tensors(two_process_runs["sft"]), trained_tensors(one_process["sft"]))
+    two, one = read_metrics(two_process_runs["sft"]), read_metrics(one_process["sft"])
+    assert [record["step"] for record in two] == [1, 2, 3]
+    assert [record["loss"] for record in two] == pytest.approx([record["loss"] for record in one], rel=1e-4)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+
+
+def test_fsdp_two_processes_equal_full_fine_tuning_on_one(two_process_runs, one_process, setup):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    tiny_base, _ = setup
+    initial = load_file(tiny_base / "model.safetensors")
+    assert_same_weights(trained_tensors(two_process_runs["fsdp"]), trained_tensors(one_process["full"]), moved=initial)
+    # The checkpoint is an ordinary model directory (rank 0 gathered the shards).
+    from grpo.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(two_process_runs["fsdp"])
+    model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", use_safetensors=True)
+    assert model.config.hidden_size == TINY["hidden_size"]
+    assert "FSDP2" in (two_process_runs["fsdp"] / "log.txt").read_text()
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker torchrun starts (python -m torch.distributed.run ... tests/test_distributed.py SPEC)
+# ---------------------------------------------------------------------------------------------
+
+
+def worker(spec_path: str) -> None:
+    """Run each [entry, argv] of the spec in turn, in one process group (opened once here; the
+    trainers use a group that exists and leave it open)."""
+    import torch.distributed as dist
+
+    import sft.train
+
+    dist.init_process_group("gloo")
+    try:
+        for entry, argv in json.loads(Path(spec_path).read_text()):
+            {"grpo": run_grpo, "sft": sft.train.main}[entry](argv)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    worker(sys.argv[1])
