@@ -181,8 +181,37 @@ def normalize_tools(tools: Any, field_name: str = "tools") -> list[dict[str, Any
         function = tool.get("function", tool) if tool.get("type", "function") == "function" else None
         if not isinstance(function, dict) or not isinstance(function.get("name"), str):
             raise _RowError(f"{field_name}[{index}]", "tool definition without a string 'name'")
+        problem = parameters_schema_problem(function.get("parameters"))
+        if problem:
+            raise _RowError(f"{field_name}[{index}].parameters", f"tool {function['name']!r}: {problem}")
         schemas.append({"type": "function", "function": dict(function)})
     return schemas
+
+
+def parameters_schema_problem(parameters: Any) -> str | None:
+    """What makes a tool's `parameters` an unusable JSON schema, or None when it is usable.
+
+    A minimal structural check (not a JSON-Schema validator): absent/None is allowed (a tool
+    without arguments); otherwise an object whose `type`, if given, is a string, whose
+    `properties`, if given, maps names to schema objects, and whose `required`, if given, is a
+    list of strings.  These are the parts the renderer and the rewards read.
+    """
+    if parameters is None:
+        return None
+    if not isinstance(parameters, dict):
+        return f"parameters must be a JSON schema object, got {type(parameters).__name__}"
+    if "type" in parameters and not isinstance(parameters["type"], str):
+        return f"parameters 'type' must be a string, got {parameters['type']!r}"
+    properties = parameters.get("properties", {})
+    if not isinstance(properties, dict):
+        return f"parameters 'properties' must be an object, got {type(properties).__name__}"
+    for name, schema in properties.items():
+        if not isinstance(schema, dict):
+            return f"property {name!r} must be a schema object, got {type(schema).__name__}"
+    required = parameters.get("required", [])
+    if not isinstance(required, list) or not all(isinstance(name, str) for name in required):
+        return f"parameters 'required' must be a list of names, got {required!r}"
+    return None
 
 
 def tool_names(tools: list[dict[str, Any]]) -> set[str]:

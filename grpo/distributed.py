@@ -189,15 +189,6 @@ def all_gather_rows(context: Distributed, tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces, dim=0).to(tensor.device)
 
 
-def all_gather_objects(context: Distributed, value: Any) -> list[Any]:
-    """Every rank's picklable `value`, in rank order (small things only: RNG states)."""
-    if not context.enabled:
-        return [value]
-    gathered: list[Any] = [None] * context.world_size
-    dist.all_gather_object(gathered, value)
-    return gathered
-
-
 def as_float(value: Any) -> float:
     """A python float of a number, a tensor or a DTensor (FSDP's clip_grad_norm_ returns one)."""
     full_tensor = getattr(value, "full_tensor", None)
