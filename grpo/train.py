@@ -8,13 +8,22 @@
     python -m grpo.train --model tiny --max-steps 3 --out runs/try                        # GRPO alone on a fresh tiny model
     python -m grpo.train --config run.toml --resume        # flags from a TOML file; continue the newest checkpoint
 
+    torchrun --nproc_per_node 8 -m grpo.train --init CKPT --prompts-per-step 16 --out runs/grpo8   # 8 GPUs, data parallel
+    torchrun --nnodes 2 --node_rank 0 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
+             -m grpo.train --init CKPT --out /shared/runs/grpo16                                   # on each of 2 machines
+    torchrun --nproc_per_node 8 -m grpo.train --model Qwen/Qwen3-8B --no-lora --fsdp --out runs/full   # FSDP2, full weights
+
 With --init or --model (given as flags or in the --config file) this runs GRPO alone
-(grpo/trainer.py); without either it runs the pipeline (grpo/pipeline.py).  `--help` lists the
-GRPO flags; `--preset default --help` the pipeline's.
+(grpo/trainer.py); without either it runs the pipeline (grpo/pipeline.py, one process only).
+Under torchrun every process takes an equal share of each step's prompts (--prompts-per-step
+must be a multiple of the number of processes) and rank 0 writes the run directory; see
+grpo/distributed.py and the README section "Multi-GPU and multi-node".  `--help` lists the GRPO
+flags; `--preset default --help` the pipeline's.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from grpo.config import parse_config
@@ -53,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     config = parse_config(GRPOConfig, argv, description=__doc__)
     run_dir = train(config)
-    print(f"done: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0
+        print(f"done: {run_dir}")
 
 
 if __name__ == "__main__":
