@@ -22,7 +22,12 @@ Shared by `grpo`, `sft` and `eval`.  Four things live here:
 
 4. Scoring.  `token_logprobs` returns log pi(y_t | x, y_<t) of completion tokens at a sampling
    temperature tau (logits divided by tau, as TRL does), projecting only the hidden states that
-   predict completion tokens onto the vocabulary.
+   predict completion tokens onto the vocabulary.  `grouped_token_logprobs` returns the same
+   values for G completions of each prompt while running each prompt through the model once
+   (its completions attend to its keys and values): B*P + B*G*T tokens instead of B*G*(P + T).
+   The GRPO trainer uses it for every forward of a step (GRPOConfig.share_prefix, on by default)
+   on the families in `SHARED_PREFIX_MODEL_TYPES` with full attention in every layer; other
+   models get the unshared computation.
 """
 
 from __future__ import annotations
