@@ -12,7 +12,8 @@ references run in the test process with one process and the same *global* batch:
   a 2-step run resumed to 3 steps by both ranks equals it too.
 - SFT with LoRA, grad_accum 1 on each of 2 ranks == grad_accum 2 on one process.
 - GRPO with --fsdp --no-lora (FSDP2 on gloo works): the full weights after 2 steps equal the
-  one-process full fine-tuning, and the checkpoint is a plain safetensors model.
+  one-process full fine-tuning, also when both ranks resume after step 1, and the checkpoint is
+  a plain safetensors model.
 - Rank 0 alone writes the run directory: one metrics line per step, one log line per event.
 
 Pure functions (shard_bounds, rollout_chunks, the single-process collectives) are tested
@@ -32,6 +33,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+FSDP = {"fsdp": True, "lora": False, "beta": 0.0, "lr": 1e-3, "max-steps": 2, "loss-type": "dapo"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,8 +197,9 @@ def two_process_runs(setup, tmp_path_factory):
         "grpo-split": ("grpo", grpo_argv(tiny_base, data, root / "grpo-split", **{"max-steps": 2})),
         "grpo-resumed": ("grpo", grpo_argv(tiny_base, data, root / "grpo-split", resume=True)),
         "sft": ("sft", sft_argv(tiny_base, data, root / "sft", **{"grad-accum": 1})),
-        "fsdp": ("grpo", grpo_argv(tiny_base, data, root / "fsdp", fsdp=True, lora=False, beta=0.0, lr=1e-3,
-                                   **{"max-steps": 2, "loss-type": "dapo"})),
+        "fsdp": ("grpo", grpo_argv(tiny_base, data, root / "fsdp", **FSDP)),
+        "fsdp-split": ("grpo", grpo_argv(tiny_base, data, root / "fsdp-split", **{**FSDP, "max-steps": 1})),
+        "fsdp-resumed": ("grpo", grpo_argv(tiny_base, data, root / "fsdp-split", resume=True, **FSDP)),
     }
     spec = root / "spec.json"
     spec.write_text(json.dumps([[entry, argv] for entry, argv in runs.values()]))
@@ -208,7 +211,7 @@ def two_process_runs(setup, tmp_path_factory):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
-    return {name: root / name for name in runs} | {"grpo-resumed": root / "grpo-split", "stdout": result.stdout}
+    return {name: root / name for name in runs} | {"grpo-resumed": root / "grpo-split", "fsdp-resumed": root / "fsdp-split"}
 
 
 @pytest.fixture(scope="module")
@@ -222,8 +225,7 @@ def one_process(setup, tmp_path_factory):
     try:
         run_grpo(grpo_argv(tiny_base, data, root / "grpo"))
         sft.train.main(sft_argv(tiny_base, data, root / "sft"))
-        run_grpo(grpo_argv(tiny_base, data, root / "full", lora=False, beta=0.0, lr=1e-3,
-                                  **{"max-steps": 2, "loss-type": "dapo"}))
+        run_grpo(grpo_argv(tiny_base, data, root / "full", **{**FSDP, "fsdp": False}))
     finally:
         torch.set_num_threads(threads)
     return {"grpo": root / "grpo", "sft": root / "sft", "full": root / "full"}
@@ -274,6 +276,12 @@ def test_fsdp_two_processes_equal_full_fine_tuning_on_one(two_process_runs, one_
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", use_safetensors=True)
     assert model.config.hidden_size == TINY["hidden_size"]
     assert "FSDP2" in (two_process_runs["fsdp"] / "log.txt").read_text()
+
+    # Resumed by both ranks from a gathered checkpoint (weights before sharding, then the
+    # whole optimizer state sharded): the same 2-step result.
+    resumed = two_process_runs["fsdp-resumed"]
+    assert_same_weights(trained_tensors(resumed), trained_tensors(one_process["full"]))
+    assert "at step 1" in (resumed / "log.txt").read_text()
 
 
 # ---------------------------------------------------------------------------------------------
