@@ -5,7 +5,8 @@ A checkpoint is one directory `RUN/checkpoints/step-000123/` holding
     adapter/ or model/   the weights (safetensors; written by grpo.policy.save_policy)
     tokenizer/           the tokenizer
     lineage.json         the base model and the parent adapters (grpo.policy)
-    trainer_state.pt     optimizer state, step, RNG states, data position (tensors and plain
+    trainer_state.pt     optimizer state, step, rank 0's RNG state (a record: the trainers
+                         re-derive their streams), trainer counters (tensors and plain
                          Python values only, so it loads with torch.load(weights_only=True))
     config.json          the resolved config of the run that wrote it
 
@@ -220,7 +221,7 @@ def _save_full_model(policy: Any, directory: Path, state_dict: dict[str, Any]) -
 def save_training_checkpoint(run_dir: str | Path, step: int, *, policy: Any, optimizer: Any, config: Any,
                              extra: dict[str, Any] | None = None, keep_last: int = 0,
                              context: Any = None) -> Path:
-    """Weights, tokenizer, lineage, optimizer, RNG state, step and config, published atomically.
+    """Weights, tokenizer, lineage, optimizer, rank 0's RNG state, step and config, published atomically.
 
     Distributed (`context` a grpo.distributed.Distributed): every rank must call this; FSDP's
     full weights and optimizer state are gathered onto rank 0, which alone writes; the ranks
@@ -291,13 +292,14 @@ def _same_source(left: Any, right: Any) -> bool:
     return False
 
 
-def check_resume_compatible(checkpoint: str | Path, config: Any, policy: Any) -> None:
+def check_resume_compatible(checkpoint: str | Path, config: Any, policy: Any = None) -> None:
     """Refuse (SystemExit naming both sides) to resume `policy` from a checkpoint of another model.
 
     Three checks, cheapest first: the run settings that define the weights (IDENTITY_FIELDS of
-    the checkpoint's config.json vs this run's); the starting point (the checkpoint's lineage
-    without its own adapter vs this policy's lineage); the architecture (the checkpoint's
-    model config, when it holds a full model, vs this model's config).
+    the checkpoint's config.json vs this run's); then, given the loaded `policy`, the starting
+    point (the checkpoint's lineage without its own adapter vs this policy's lineage) and the
+    architecture (the checkpoint's model config, when it holds a full model, vs this model's).
+    The trainers call it twice: before loading the model (settings only) and after.
     """
     from grpo.config import config_to_dict
     from grpo.policy import ADAPTER_DIR, MODEL_DIR, causal_lm_of, read_lineage
@@ -313,6 +315,8 @@ def check_resume_compatible(checkpoint: str | Path, config: Any, policy: Any) ->
         now = ", ".join(f"{key}={current[key]!r}" for key in differing)
         raise SystemExit(f"--resume: {checkpoint} was trained with {then}, but this run has {now}; "
                          "resume with the same settings or start a new run in another --out")
+    if policy is None:
+        return
 
     lineage = read_lineage(checkpoint)
     if policy.use_lora and lineage["adapters"] and Path(lineage["adapters"][-1]).name == ADAPTER_DIR:

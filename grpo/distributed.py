@@ -30,16 +30,28 @@ How one optimizer step is split (both trainers):
 - Rank 0 alone writes the run directory (logs, metrics, checkpoints); the other ranks wait at
   a barrier and every rank resumes from the same checkpoint.
 
+Randomness: nothing random depends on the rank layout.  GRPO samples each rollout chunk with a
+generator seeded from (seed, step, position of the chunk's first prompt in the step) and every
+step reseeds torch's global stream from (seed, step, rank) (dropout), both with
+grpo.runtime.derived_seed; no generator state is saved per rank, a resumed run re-derives it.
+
+Why no DistributedDataParallel: DDP all-reduces during every backward (or, with no_sync, during
+the last one) and averages; here one explicit sum after the last micro-batch says the same thing
+in one line, keeps the normaliser logic in one place, and works unchanged for LoRA (tiny
+gradients) and replicated full fine-tuning.  DDP's overlap of communication with the backward
+matters for large replicated models, which is what FSDP is for.
+
 FSDP2 (`--fsdp`, full fine-tuning only): `shard_model` applies `fully_shard` to every decoder
-layer and to the (decoder, lm_head) pair as one group, so the embedding, final norm and a tied
-head live in one unit whose parameters are gathered whenever either module runs (the trainers
-call the decoder and the head separately to project only the positions they need).  Gradients
-are reduce-scattered with a divide factor of 1, i.e. summed, matching the global normaliser.
-Sampling runs a different number of forward passes on each rank (a rank stops when its rows
-finish), which would leave the per-layer all-gathers unmatched, so `gathered_for_rollout`
-gathers every unit once before generation and reshards after it: the rollout holds the full
-model (in the training dtype) on every rank, the backward passes only their shards.  Checkpoints
-gather a full state dict onto rank 0 (`full_state_dict`).
+layer, then to the decoder itself (the root unit: embedding and final norm), and to an untied
+output head on its own; a head tied to the embedding is replaced by `TiedHead`, which reads the
+embedding's current (gathered) weight.  The trainers call the decoder and the head one after
+the other (to project only the positions they need), so the root keeps its parameters gathered
+after its forward until its backward.  Gradients are reduce-scattered as sums (divide factor 1),
+matching the global normaliser.  Sampling runs a different number of forward passes on each
+rank (a rank stops when its rows finish), which would leave the per-layer all-gathers
+unmatched, so `gathered_for_rollout` gathers every unit once before generation and reshards
+after it: the rollout holds the full model on every rank, the backward passes only their shards.
+Checkpoints gather a full state dict and a name-keyed optimizer state onto rank 0.
 """
 
 from __future__ import annotations

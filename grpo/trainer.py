@@ -639,6 +639,8 @@ def _train(config: GRPOConfig, context: Distributed, device: torch.device,
     if context.is_main:
         write_json(run_dir / "config.json", config_to_dict(config))
 
+    if resume_from is not None:
+        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
     policy = load_start_policy(config, device, dtype, log, context)
     reference_policy = None
     if config.beta > 0 and not policy.use_lora:

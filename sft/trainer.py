@@ -345,6 +345,8 @@ def _train(config: SFTConfig, context: Distributed, device: torch.device) -> Pat
     if context.is_main:
         write_json(run_dir / "config.json", config_to_dict(config))
 
+    if resume_from is not None:
+        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
     policy = load_start_policy(config, device, dtype, log, context)
     try:
         data = prepare_data(config, policy.tokenizer, log)
