@@ -10,7 +10,8 @@ references run in the test process with one process and the same *global* batch:
   advantages (the global std needs the all-gathered rewards), beta > 0: after 3 steps the
   adapter equals the one-process adapter, and the logged metrics (global reductions) agree;
   a 2-step run resumed to 3 steps by both ranks equals it too.
-- SFT with LoRA, grad_accum 1 on each of 2 ranks == grad_accum 2 on one process.
+- SFT with LoRA, grad_accum 1 on each of 2 ranks == grad_accum 2 on one process; the same with
+  FSDP2 and full fine-tuning.
 - GRPO with --fsdp --no-lora (FSDP2 on gloo works): the full weights after 2 steps equal the
   one-process full fine-tuning, also when both ranks resume after step 1, and the checkpoint is
   a plain safetensors model.
@@ -34,6 +35,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 FSDP = {"fsdp": True, "lora": False, "beta": 0.0, "lr": 1e-3, "max-steps": 2, "loss-type": "dapo"}
+SFT_FSDP = ["--fsdp", "--no-lora"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,6 +202,7 @@ def two_process_runs(setup, tmp_path_factory):
         "fsdp": ("grpo", grpo_argv(tiny_base, data, root / "fsdp", **FSDP)),
         "fsdp-split": ("grpo", grpo_argv(tiny_base, data, root / "fsdp-split", **{**FSDP, "max-steps": 1})),
         "fsdp-resumed": ("grpo", grpo_argv(tiny_base, data, root / "fsdp-split", resume=True, **FSDP)),
+        "sft-fsdp": ("sft", sft_argv(tiny_base, data, root / "sft-fsdp", **{"grad-accum": 1, "lr": 1e-3}) + SFT_FSDP),
     }
     spec = root / "spec.json"
     spec.write_text(json.dumps([[entry, argv] for entry, argv in runs.values()]))
@@ -226,9 +229,10 @@ def one_process(setup, tmp_path_factory):
         run_grpo(grpo_argv(tiny_base, data, root / "grpo"))
         sft.train.main(sft_argv(tiny_base, data, root / "sft"))
         run_grpo(grpo_argv(tiny_base, data, root / "full", **{**FSDP, "fsdp": False}))
+        sft.train.main(sft_argv(tiny_base, data, root / "sft-full", lr=1e-3) + SFT_FSDP[1:])
     finally:
         torch.set_num_threads(threads)
-    return {"grpo": root / "grpo", "sft": root / "sft", "full": root / "full"}
+    return {"grpo": root / "grpo", "sft": root / "sft", "full": root / "full", "sft-full": root / "sft-full"}
 
 
 def test_grpo_two_processes_equal_one(two_process_runs, one_process):
@@ -282,6 +286,17 @@ def test_fsdp_two_processes_equal_full_fine_tuning_on_one(two_process_runs, one_
     resumed = two_process_runs["fsdp-resumed"]
     assert_same_weights(trained_tensors(resumed), trained_tensors(one_process["full"]))
     assert "at step 1" in (resumed / "log.txt").read_text()
+
+
+def test_sft_fsdp_two_processes_equal_full_fine_tuning_on_one(two_process_runs, one_process, setup):
+    from safetensors.torch import load_file
+
+    tiny_base, _ = setup
+    two, one = read_metrics(two_process_runs["sft-fsdp"]), read_metrics(one_process["sft-full"])
+    assert [record["loss"] for record in two] == pytest.approx([record["loss"] for record in one], rel=1e-4)
+    assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+    assert_same_weights(trained_tensors(two_process_runs["sft-fsdp"]), trained_tensors(one_process["sft-full"]),
+                        moved=load_file(tiny_base / "model.safetensors"))
 
 
 # ---------------------------------------------------------------------------------------------
