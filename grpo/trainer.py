@@ -603,11 +603,6 @@ def _train(config: GRPOConfig, context: Distributed, device: torch.device,
     from grpo.checkpoint import load_trainer_state
 
     check_world(config, context)
-    fsdp_without_shared_prefix = config.fsdp and config.share_prefix
-    if fsdp_without_shared_prefix:
-        # FSDP rebuilds a layer's keyword arguments before its forward, so the shared-prefix
-        # forward's check that every layer used its attention fails (its counter is on a copy).
-        config = dataclasses.replace(config, share_prefix=False)
     run_dir = Path(config.out)
     if context.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -629,8 +624,6 @@ def _train(config: GRPOConfig, context: Distributed, device: torch.device,
     log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
     if config.resume and resume_from is None:
         log(f"--resume: no checkpoint in {run_dir}/checkpoints yet, starting from step 0")
-    if fsdp_without_shared_prefix:
-        log("--fsdp: the training forward runs without --share-prefix (not supported under FSDP yet)")
     if context.enabled:
         log(f"distributed: {context.world_size} processes ({context.backend}), "
             f"{config.prompts_per_step // context.world_size} prompts per rank and step"
