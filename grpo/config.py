@@ -36,10 +36,12 @@ def field(default: Any, help: str, **kwargs: Any) -> Any:
     return dataclasses.field(default=default, metadata={"help": help, **kwargs})
 
 
+def _field_type(cls: type, name: str) -> tuple[type, bool]:
+    """(the scalar type, whether None is allowed) of a field annotated like `int | None`."""
+    return _base_type(typing.get_type_hints(cls)[name])
+
+
 def _base_type(annotation: Any) -> tuple[type, bool]:
-    """(the scalar type, whether None is allowed) of a field annotation like `int | None`."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing}, {})  # annotations are simple builtins here
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
@@ -67,8 +69,8 @@ def _suggest(name: str, valid: list[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _check_value(cls_fields: dict[str, dataclasses.Field], name: str, value: Any) -> Any:
-    kind, optional = _base_type(cls_fields[name].type)
+def _check_value(cls: type, cls_fields: dict[str, dataclasses.Field], name: str, value: Any) -> Any:
+    kind, optional = _field_type(cls, name)
     if value is None:
         if not optional:
             raise ConfigError(f"{name}: None is not allowed")
@@ -117,7 +119,7 @@ def load_toml(cls: type[T], path: str | Path) -> dict[str, Any]:
         name = key.replace("-", "_")
         if name not in cls_fields:
             raise ConfigError(f"{path}: unknown config key {key!r}{_suggest(name, list(cls_fields))}")
-        values[name] = _check_value(cls_fields, name, value)
+        values[name] = _check_value(cls, cls_fields, name, value)
     return values
 
 
@@ -142,7 +144,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", metavar="FILE.toml", help="load fields from a TOML file (flags given here win)")
     for f in dataclasses.fields(cls):
-        kind, optional = _base_type(f.type)
+        kind, optional = _field_type(cls, f.name)
         flag = "--" + f.name.replace("_", "-")
         choices = f.metadata.get("choices")
         one_of = f"; one of {', '.join(map(str, choices))}" if choices else ""
@@ -170,7 +172,7 @@ def parse_config(cls: type[T], argv: list[str] | None = None, description: str =
             if raw is None:
                 continue
             if isinstance(raw, str):
-                kind, optional = _base_type(f.type)
+                kind, optional = _field_type(cls, name)
                 raw = _parse_value(raw, kind, optional, name)
             values[name] = raw
         return cls(**values)
