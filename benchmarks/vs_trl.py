@@ -392,6 +392,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     assets = prepare_assets(workdir, num_prompts=total_steps * PROMPTS_PER_STEP)
     if len(assets["prompts"]) < total_steps * PROMPTS_PER_STEP:
         raise SystemExit(f"only {len(assets['prompts'])} usable prompts for {total_steps} steps")
+    load_at_start = os.getloadavg()
     env = worker_env(args.threads)
     me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(workdir), "--threads", str(args.threads)]
     workers = {
@@ -430,7 +431,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "train_s": {name: statistics.median(r["train_s"] for r in records) for name, records in measured.items()},
         "all_step_s": {name: [r["seconds"] for r in records] for name, records in steps.items()},
         "setup_rss_mib": setup_rss, "peak_rss_mib": peak_rss, "side": side,
-        "load_average": os.getloadavg(),
+        "load_average": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 minutes
     }
     (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -458,6 +459,9 @@ def print_report(summary: dict[str, Any]) -> None:
     print("\nTraining forward + backward of one step (policy_update):")
     print(f"  {'with prefix sharing':24}{positions['shared']:8d} token positions  {update['shared']:6.2f} s")
     print(f"  {'without':24}{positions['unshared']:8d} token positions  {update['unshared']:6.2f} s")
+    load = summary["load_average"]
+    print(f"\nmachine load average (1 min) at start / end: {load['start'][0]:.1f} / {load['end'][0]:.1f} "
+          f"on {os.cpu_count()} cores")
     print(f"\nspeedup (TRL step time / our step time): {step['trl'] / step['ours']:.2f}")
 
 
