@@ -140,11 +140,13 @@ def model_flops(workload: Workload, shared_training: bool = True) -> dict[str, f
     def attention(pairs: float) -> float:
         return 4 * attention_width * pairs * w.num_layers
 
-    prefill = 2 * weights * w.prompts_per_step * w.prompt_tokens + attention(prompt_pairs) + 2 * head * w.prompts_per_step
+    prefill = (2 * weights * w.prompts_per_step * w.prompt_tokens + attention(prompt_pairs)
+               + 2 * head * w.prompts_per_step)
     decode = (2 * (weights + head) * rows * (w.new_tokens - 1)
               + attention(completion_pairs - rows * (w.prompt_tokens + w.new_tokens)))  # the last token is not fed
+    training_pairs = prompt_pairs + completion_pairs - rows * (w.prompt_tokens + w.new_tokens)
     forward = (2 * weights * (w.prompts_per_step * w.prompt_tokens + rows * (w.new_tokens - 1))
-               + 2 * head * rows * w.new_tokens + attention(prompt_pairs + completion_pairs - rows * (w.prompt_tokens + w.new_tokens)))
+               + 2 * head * rows * w.new_tokens + attention(training_pairs))
     return {"rollout": prefill + decode, "training": 2 * forward}
 
 
@@ -195,7 +197,8 @@ def run_ours(assets: dict[str, Any], workload: Workload, warmup: int, steps: int
     prompts = [Prompt(sample=SimpleNamespace(target=None), prompt_ids=ids) for ids in assets["prompts"]]
 
     def reward_fn(texts: list[str], targets: list[Any]) -> list[Any]:
-        return [RewardResult(total=constant_reward(text), components={}, success=False, kind="answer") for text in texts]
+        return [RewardResult(total=constant_reward(text), components={}, success=False, kind="answer")
+                for text in texts]
 
     def sync() -> None:
         if device.type == "cuda":
@@ -266,8 +269,12 @@ def run_trl(assets: dict[str, Any], workload: Workload, warmup: int, steps: int,
         gradient_checkpointing=gradient_checkpointing, logging_steps=10_000, report_to="none", save_strategy="no",
         disable_tqdm=True, seed=0, use_vllm=False,
     )
-    trainer = GRPOTrainer(model=model, reward_funcs=lambda completions, **kwargs: [constant_reward(text) for text in completions],
-                          args=config, train_dataset=dataset, processing_class=tokenizer, callbacks=[timer],
+
+    def reward(completions: list[str], **kwargs: Any) -> list[float]:
+        return [constant_reward(text) for text in completions]
+
+    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=tokenizer, callbacks=[timer],
                           peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0,
                                                  target_modules=list(LORA_TARGETS), task_type="CAUSAL_LM"))
     generate_and_score = trainer._generate_and_score_completions
@@ -318,7 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3, help="measured steps per side")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps per side")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (default: table)")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's; 1 with --tiny)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads for torch (default: torch's; 1 with --tiny)")
     parser.add_argument("--out", default=str(REPO / "runs" / "bench-gpu"), help="model, results.json")
     parser.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)  # a worker subprocess
     args = parser.parse_args(argv)
@@ -358,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
                    "--steps", str(args.steps), "--warmup", str(args.warmup)]
         command += ["--tiny"] if args.tiny else []
         command += ["--threads", str(args.threads)] if args.threads else []
-        command += ["--trl-gradient-checkpointing", args.trl_gradient_checkpointing] if args.trl_gradient_checkpointing else []
+        if args.trl_gradient_checkpointing:
+            command += ["--trl-gradient-checkpointing", args.trl_gradient_checkpointing]
         finished = subprocess.run(command, env=env, cwd=REPO)
         if finished.returncode != 0:
             results[side] = {"error": f"exit code {finished.returncode}"}
@@ -371,9 +380,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"\n{device_name}, {dtype_name}; workload {asdict(workload)}")
     print(f"{'':28}" + "".join(f"{side:>14}" for side in ("ours", "trl") if side in results))
-    for key, label, scale in (("step_s", "step time (s)", 1), ("rollout_tokens_per_s", "rollout tokens/s", 1),
-                              ("train_tokens_per_s", "training tokens/s", 1), ("peak_memory_mib", "peak memory (MiB)", 1),
-                              ("mfu", "MFU (%)", 100)):
+    rows = (("step_s", "step time (s)", 1), ("rollout_tokens_per_s", "rollout tokens/s", 1),
+            ("train_tokens_per_s", "training tokens/s", 1), ("peak_memory_mib", "peak memory (MiB)", 1),
+            ("mfu", "MFU (%)", 100))
+    for key, label, scale in rows:
         cells = []
         for side in ("ours", "trl"):
             if side in results:

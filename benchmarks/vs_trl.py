@@ -1,7 +1,7 @@
 """One GRPO optimizer step here and in TRL 1.16's GRPOTrainer, on the same work, side by side.
 
     pip install -e ".[bench]"               # trl==1.16.0; the package itself never imports trl
-    python benchmarks/vs_trl.py             # 2 warm-up + 10 measured steps each (about 5 minutes)
+    python benchmarks/vs_trl.py             # 2 warm-up + 10 measured steps each (5-10 minutes, idle box)
     python benchmarks/vs_trl.py --quick     # 1 warm-up + 3 measured steps, shorter side measurements
 
 The work (identical on both sides):
