@@ -14,7 +14,7 @@ The work (identical on both sides):
   completion (stop tokens banned until 64: `min_new_tokens` here, `generation_kwargs=
   {"min_new_tokens": 64}` in TRL), temperature 1, no top-k/top-p, beta 0 (no reference pass),
   one iteration (mu = 1), loss "dapo" (TRL's default), group-scaled advantages, eps 0.2, AdamW,
-  gradient clipping at 1.0.  TRL runs without gradient checkpointing (its GRPOConfig default
+  gradient clipping at 1.0.  OMP_WAIT_POLICY=PASSIVE on both sides (see `worker_env`).  TRL runs without gradient checkpointing (its GRPOConfig default
   is on; recomputing activations would only slow it down here).
 - Reward: the same cheap deterministic function of the completion text on both sides (the
   reward is not what is measured; it only has to give the groups some spread).
@@ -380,9 +380,14 @@ class Worker:
 
 
 def worker_env(threads: int) -> dict[str, str]:
+    """The workers' environment.  OMP_WAIT_POLICY=PASSIVE (unless set by the caller): an OpenMP
+    thread waiting at a barrier sleeps instead of spinning.  On an idle machine that changes
+    little; with other jobs on the cores, spinning threads wait a whole scheduler time slice for
+    a descheduled partner at every barrier, and a 2-thread step runs 5-10 times slower than a
+    1-thread one (measured here), which then measures the other jobs, not the two trainers."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "",
-            "PYTHONWARNINGS": "ignore"}
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "PYTHONWARNINGS": "ignore"}
 
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -424,7 +429,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     summary = {
         "command": " ".join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "threads": args.threads, "warmup_steps": args.warmup, "measured_steps": args.steps,
+        "threads": args.threads, "omp_wait_policy": env["OMP_WAIT_POLICY"], "warmup_steps": args.warmup,
+        "measured_steps": args.steps,
         "prompt_tokens": [len(prompt["ids"]) for prompt in assets["prompts"]],
         "step_s": {name: statistics.median(r["seconds"] for r in records) for name, records in measured.items()},
         "rollout_s": {name: statistics.median(r["rollout_s"] for r in records) for name, records in measured.items()},
@@ -443,7 +449,7 @@ def print_report(summary: dict[str, Any]) -> None:
     prompt_tokens = summary["prompt_tokens"]
     print(f"\nGRPO step: {PROMPTS_PER_STEP} prompts x G={GROUP_SIZE} x {NEW_TOKENS} new tokens, prompts of "
           f"{min(prompt_tokens)}-{max(prompt_tokens)} tokens (median {statistics.median(prompt_tokens):.0f}); "
-          f"{summary['threads']} threads; median of {summary['measured_steps']} steps after "
+          f"{summary['threads']} threads (OMP_WAIT_POLICY={summary['omp_wait_policy']}); median of {summary['measured_steps']} steps after "
           f"{summary['warmup_steps']} warm-up, alternating")
     print(f"{'':24}{'ours':>12}{'TRL 1.16':>12}")
     print(f"{'step time (s)':24}{step['ours']:12.2f}{step['trl']:12.2f}")

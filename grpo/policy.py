@@ -564,7 +564,7 @@ def grouped_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor
     def rows_of(prompt_part: Tensor, own_part: Tensor) -> Tensor:  # -> [B*G, kv_heads * repeats, P + T', d]
         prompt_part = prompt_part[:, None, :, None].expand(num_prompts, group_size, kv_heads, repeats,
                                                            prompt_length, prompt_part.shape[-1])
-        own_part = own_part.view(num_prompts, group_size, kv_heads, 1, length, own_part.shape[-1]).expand(
+        own_part = own_part.reshape(num_prompts, group_size, kv_heads, 1, length, own_part.shape[-1]).expand(
             -1, -1, -1, repeats, -1, -1)
         joined = torch.cat([prompt_part, own_part], dim=4)
         return joined.view(rows, kv_heads * repeats, prompt_length + length, joined.shape[-1])
