@@ -381,8 +381,8 @@ class Worker:
 
 def worker_env(threads: int) -> dict[str, str]:
     """The workers' environment.  OMP_WAIT_POLICY=PASSIVE (unless set by the caller): an OpenMP
-    thread waiting at a barrier sleeps instead of spinning.  On an idle machine that changes
-    little; with other jobs on the cores, spinning threads wait a whole scheduler time slice for
+    thread waiting at a barrier sleeps instead of spinning.  On an idle machine that should change
+    little (not measured); with other jobs on the cores, spinning threads wait a whole scheduler time slice for
     a descheduled partner at every barrier, and a 2-thread step runs 5-10 times slower than a
     1-thread one (measured here), which then measures the other jobs, not the two trainers."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
