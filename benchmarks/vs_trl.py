@@ -382,9 +382,9 @@ class Worker:
 def worker_env(threads: int) -> dict[str, str]:
     """The workers' environment.  OMP_WAIT_POLICY=PASSIVE (unless set by the caller): an OpenMP
     thread waiting at a barrier sleeps instead of spinning.  On an idle machine that should change
-    little (not measured); with other jobs on the cores, spinning threads wait a whole scheduler time slice for
-    a descheduled partner at every barrier, and a 2-thread step runs 5-10 times slower than a
-    1-thread one (measured here), which then measures the other jobs, not the two trainers."""
+    little (not measured); with other jobs on the cores, spinning threads wait a whole scheduler
+    time slice for a descheduled partner at every barrier, and a 2-thread step ran 4-10 times
+    slower than a 1-thread one (measured here): that measures the other jobs, not the trainers."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
             "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "CUDA_VISIBLE_DEVICES": "",
             "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"), "PYTHONWARNINGS": "ignore"}
