@@ -14,8 +14,9 @@ The work (identical on both sides):
   completion (stop tokens banned until 64: `min_new_tokens` here, `generation_kwargs=
   {"min_new_tokens": 64}` in TRL), temperature 1, no top-k/top-p, beta 0 (no reference pass),
   one iteration (mu = 1), loss "dapo" (TRL's default), group-scaled advantages, eps 0.2, AdamW,
-  gradient clipping at 1.0.  OMP_WAIT_POLICY=PASSIVE on both sides (see `worker_env`).  TRL runs without gradient checkpointing (its GRPOConfig default
-  is on; recomputing activations would only slow it down here).
+  gradient clipping at 1.0.  OMP_WAIT_POLICY=PASSIVE on both sides (see `worker_env`).  TRL runs
+  without gradient checkpointing (its GRPOConfig default is on; recomputing activations would
+  only slow it down here).
 - Reward: the same cheap deterministic function of the completion text on both sides (the
   reward is not what is measured; it only has to give the groups some spread).
 
@@ -449,7 +450,8 @@ def print_report(summary: dict[str, Any]) -> None:
     prompt_tokens = summary["prompt_tokens"]
     print(f"\nGRPO step: {PROMPTS_PER_STEP} prompts x G={GROUP_SIZE} x {NEW_TOKENS} new tokens, prompts of "
           f"{min(prompt_tokens)}-{max(prompt_tokens)} tokens (median {statistics.median(prompt_tokens):.0f}); "
-          f"{summary['threads']} threads (OMP_WAIT_POLICY={summary['omp_wait_policy']}); median of {summary['measured_steps']} steps after "
+          f"{summary['threads']} threads (OMP_WAIT_POLICY={summary['omp_wait_policy']}); "
+          f"median of {summary['measured_steps']} steps after "
           f"{summary['warmup_steps']} warm-up, alternating")
     print(f"{'':24}{'ours':>12}{'TRL 1.16':>12}")
     print(f"{'step time (s)':24}{step['ours']:12.2f}{step['trl']:12.2f}")
