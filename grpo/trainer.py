@@ -556,16 +556,17 @@ def make_reward_fn(config: GRPOConfig) -> Callable[[list[str], list[dict]], list
     return reward_fn
 
 
-def load_start_policy(config: GRPOConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
+def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
                       context: Distributed = SINGLE) -> Policy:
-    """The stage's starting point: --init (an SFT checkpoint, lineage merged) or --model, with a
-    fresh LoRA adapter unless --no-lora.  `--model tiny` is built once, by rank 0."""
+    """A stage's starting point (GRPO and SFT): --init (a checkpoint, lineage merged) or --model,
+    with a fresh LoRA adapter unless --no-lora.  `--model tiny` is built once, by rank 0.
+    `config` needs the fields init, model, out, seed, tiny_vocab_size, trust_remote_code, lora*."""
     lora = None
     if config.lora:
         lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
                             target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()))
     if config.init and config.model:
-        raise SystemExit("give either --init (an SFT checkpoint) or --model (a plain model), not both")
+        raise SystemExit("give either --init (a checkpoint) or --model (a plain model), not both")
     source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
     try:
         if config.init:

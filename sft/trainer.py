@@ -42,7 +42,8 @@ from grpo.checkpoint import (
 )
 from grpo.config import check_ranges, config_to_dict, field
 from grpo.distributed import SINGLE, Distributed
-from grpo.policy import PLAIN_HEAD_MODEL_TYPES, LoraSettings, Policy, causal_lm_of, load_policy
+from grpo.policy import PLAIN_HEAD_MODEL_TYPES, Policy, causal_lm_of
+from grpo.trainer import load_start_policy  # the same starting point logic as GRPO: --init or --model
 from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
@@ -274,36 +275,6 @@ def _pad_id(tokenizer: Any) -> int:
 
 def _to_device(batch: Any, device: torch.device) -> Any:
     return dataclasses.replace(batch, **{f.name: getattr(batch, f.name).to(device) for f in dataclasses.fields(batch)})
-
-
-def load_start_policy(config: SFTConfig, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
-                      context: Distributed = SINGLE) -> Policy:
-    """--init (a checkpoint, lineage merged) or --model, with a fresh LoRA unless --no-lora;
-    `--model tiny` is built once, by rank 0."""
-    lora = None
-    if config.lora:
-        lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                            target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()))
-    if config.init and config.model:
-        raise SystemExit("give either --init (a checkpoint) or --model (a plain model), not both")
-    source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
-    try:
-        if config.init:
-            return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device),
-                               trust_remote_code=config.trust_remote_code)
-        model = config.model or "tiny"
-        if model == "tiny":
-            from grpo.tiny import prepare_tiny_base
-
-            directory = Path(config.out) / "base-tiny"
-            if context.is_main:  # other ranks must not write into the run directory
-                prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)
-            distributed.barrier(context)
-            model = str(prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size))
-            log(f"tiny base model at {model} (random weights)")
-        return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
-    except (OSError, ValueError) as error:  # a missing or unreadable model or checkpoint
-        raise SystemExit(f"{source}: {error}") from None
 
 
 def train(config: SFTConfig) -> Path:
