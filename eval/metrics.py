@@ -223,3 +223,83 @@ def format_table(rows: Mapping[str, Mapping[str, Any]], *, title: str | None = N
             cells.append(format_value(metrics.get("counts", {}).get("turns")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+# Per-turn quantities compared between two checkpoints on the same turns: (key, column header).
+PAIRED_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("action_accuracy", "Action acc."),
+    ("reward_accuracy", "R_acc"),
+    ("reward_mean", "Reward"),
+)
+
+
+def turn_values(prediction: Mapping[str, Any]) -> dict[str, float | None]:
+    """The per-turn values behind PAIRED_COLUMNS (None where the turn has no finite value).
+
+    action_accuracy: 1 when the predicted kind equals the gold kind, else 0; reward_accuracy: the
+    turn's accuracy component; reward_mean: its total reward.  Their means over turns are the
+    table's "Action acc.", "R_acc" and "Reward".
+    """
+    components = prediction.get("components") or {}
+    accuracy = components.get("accuracy")
+    reward = prediction.get("reward")
+    return {
+        "action_accuracy": float(prediction["gold_kind"] == prediction["pred_kind"]),
+        "reward_accuracy": float(accuracy) if _finite_number(accuracy) else None,
+        "reward_mean": float(reward) if _finite_number(reward) else None,
+    }
+
+
+def paired_difference(before: Iterable[Mapping[str, Any]], after: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """after - before on the turns both evaluated, with the paired standard error of the mean.
+
+    Both inputs are prediction dicts (a predictions-*.jsonl line: TurnRecord fields plus
+    "conversation_id" and "turn_index", which pair the turns).  For each key of PAIRED_COLUMNS,
+    with d_i = value_after(i) - value_before(i) over the n paired turns where both are finite:
+
+        delta = mean(d)        se = stdev(d) / sqrt(n)        (sample stdev; 0 when n < 2)
+        better / worse = turns with d > 0 / d < 0
+
+    Because both checkpoints answer the same turns, se is much smaller than the standard error
+    of either mean alone: turns both get right or both get wrong add nothing to it.  delta / se
+    above ~2 is unlikely from turn sampling alone (it does not measure seed-to-seed variation).
+    """
+    def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, Any], Mapping[str, Any]]:
+        return {(row["conversation_id"], row["turn_index"]): row for row in rows}
+
+    first, second = keyed(before), keyed(after)
+    common = [key for key in first if key in second]
+    result: dict[str, Any] = {"turns": len(common)}
+    for name, _ in PAIRED_COLUMNS:
+        differences = []
+        for key in common:
+            a, b = turn_values(first[key])[name], turn_values(second[key])[name]
+            if a is not None and b is not None:
+                differences.append(b - a)
+        n = len(differences)
+        mean = _mean(differences)
+        if n >= 2 and mean is not None:
+            variance = sum((d - mean) ** 2 for d in differences) / (n - 1)
+            se: float | None = math.sqrt(variance / n)
+        else:
+            se = 0.0 if n == 1 else None
+        result[name] = {"delta": mean, "se": se, "n": n, "better": sum(d > 0 for d in differences),
+                        "worse": sum(d < 0 for d in differences)}
+    return result
+
+
+def format_paired_table(pairs: Mapping[str, Mapping[str, Any]], *, title: str | None = None, digits: int = 3) -> str:
+    """A Markdown table of paired differences: one row per "after - before" pair, cells "delta +- se"."""
+    header = ["Comparison"] + [label for _, label in PAIRED_COLUMNS] + ["Turns"]
+    lines = [f"### {title}", ""] if title else []
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
+    for name, pair in pairs.items():
+        cells = [str(name)]
+        for key, _ in PAIRED_COLUMNS:
+            value = pair.get(key, {})
+            delta, se = value.get("delta"), value.get("se")
+            cells.append("-" if delta is None else f"{delta:+.{digits}f} ± {format_value(se, digits)}")
+        cells.append(str(pair.get("turns", 0)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -22,6 +22,10 @@ Writes into --out:
     results.json                         every number per split and checkpoint, plus the config
     results.md                           the table, one row per checkpoint, one table per split
     predictions-<checkpoint>-<split>.jsonl   every prediction with its target, parse and reward
+
+With two or more checkpoints, results.json ("paired") and results.md also hold each checkpoint's
+difference from the one listed before it, turn by turn on the same turns, for action accuracy,
+R_acc and reward: the mean difference and its paired standard error (`eval.metrics.paired_difference`).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from eval.metrics import TurnRecord, aggregate, format_table
+from eval.metrics import TurnRecord, aggregate, format_paired_table, format_table, paired_difference
 from grpo.config import config_to_dict, field, parse_config
 
 # Flags whose values accumulate: repeated, several values after one flag, or comma-separated.
@@ -407,8 +411,20 @@ def load_for_eval(resolved: tuple[str, str], config: EvalConfig) -> Any:
     return policy
 
 
-def results_markdown(results: dict[str, dict[str, dict[str, Any]]], splits: dict[str, dict[str, Any]]) -> str:
-    """results.md: one table per split, one row per checkpoint, with the number of turns behind it."""
+def paired_differences(predictions_of: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Per split, each checkpoint minus the one before it (in --checkpoint order) on the same turns."""
+    paired: dict[str, dict[str, Any]] = {}
+    for split, by_name in predictions_of.items():
+        names = list(by_name)
+        paired[split] = {f"{after} - {before}": paired_difference(by_name[before], by_name[after])
+                         for before, after in zip(names, names[1:])}
+    return paired
+
+
+def results_markdown(results: dict[str, dict[str, dict[str, Any]]], splits: dict[str, dict[str, Any]],
+                     paired: dict[str, dict[str, Any]] | None = None) -> str:
+    """results.md: one table per split, one row per checkpoint, with the number of turns behind it,
+    then (with two or more checkpoints) each checkpoint's paired difference from the one before."""
     parts = ["# Evaluation: the paper's per-turn table", ""]
     for split, rows in results.items():
         spec = splits.get(split, {}).get("spec", split)
@@ -416,6 +432,9 @@ def results_markdown(results: dict[str, dict[str, dict[str, Any]]], splits: dict
         skipped = {name: row["counts"].get("skipped_too_long", 0) for name, row in rows.items()}
         if any(skipped.values()):
             parts.append("Skipped as too long: " + ", ".join(f"{name} {count}" for name, count in skipped.items()) + "\n")
+        if paired and paired.get(split):
+            parts.append(format_paired_table(paired[split], title=f"{split}: paired differences (mean ± standard error "
+                                                                  "over the same turns)"))
     parts.append("P/R = precision/recall of the action kind; name acc. and param. match are over gold tool turns "
                  "(param. match: of those with the right name, exact arguments); similarity over gold answers "
                  "predicted as answers; '-' = no turn to measure.\n")
@@ -455,6 +474,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         print(f"[eval] {split}: {splits[split]['turns']} turns from {splits[split]['conversations']} conversations ({spec})")
 
     results: dict[str, dict[str, dict[str, Any]]] = {split: {} for split in splits}
+    predictions_of: dict[str, dict[str, list[dict[str, Any]]]] = {split: {} for split in splits}
     for name in checkpoints:
         began = time.perf_counter()
         policy = load_for_eval(locations[name], config)
@@ -468,6 +488,7 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
                 log=lambda message: print(f"[eval] {name} {split}: {message}"),
             )
             results[split][name] = metrics
+            predictions_of[split][name] = predictions
             with predictions_path(out, name, split).open("w") as handle:
                 for prediction in predictions:
                     handle.write(json.dumps({"checkpoint": name, "split": split, **prediction},
@@ -480,9 +501,10 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
         "loaded": {name: {"as": kind, "location": location} for name, (kind, location) in locations.items()},
         "splits": splits,
         "results": results,
+        "paired": paired_differences(predictions_of),
     }
     (out / "results.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False, default=_json_default) + "\n")
-    table = results_markdown(results, splits)
+    table = results_markdown(results, splits, summary["paired"])
     (out / "results.md").write_text(table)
     print(table)
     return summary

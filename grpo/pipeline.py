@@ -42,10 +42,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                      "lora": False, "eval_every": 125, "max_length": 768},
         "coldstart": {"epochs": 3.0, "micro_batch": 2, "grad_accum": 4, "lr": 3e-4, "warmup_steps": 2, "lora_r": 16,
                       "eval_every": 0, "val_fraction": 0.0, "max_length": 768},
-        "grpo": {"max_steps": 40, "prompts_per_step": 8, "group_size": 8, "rollout_batch_prompts": 4,
-                 "max_new_tokens": 96, "lr": 5e-4, "save_every": 20, "max_prompt_length": 768, "sample_every": 5,
+        "grpo": {"max_steps": 120, "prompts_per_step": 8, "group_size": 8, "rollout_batch_prompts": 8,
+                 "max_new_tokens": 96, "lr": 5e-4, "save_every": 40, "max_prompt_length": 768, "sample_every": 10,
                  "train_micro_batch": 16},
-        "eval": {"limit": 200, "batch_size": 16, "max_new_tokens": 96, "max_prompt_length": 768},
+        "eval": {"limit": 400, "batch_size": 16, "max_new_tokens": 96, "max_prompt_length": 768},
     },
     "smoke": {
         "tiny": {"vocab_size": 512, "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 
-from eval.metrics import TurnRecord, aggregate, format_table, format_value
+from eval.metrics import (TurnRecord, aggregate, format_paired_table, format_table, format_value,
+                          paired_difference)
 
 
 def tool(name, arguments):
@@ -187,3 +189,52 @@ def test_format_value():
     infinite = aggregate([record(ANSWER, ANSWER, reward=float("inf"), similarity=float("nan"))])
     assert infinite["counts"]["nonfinite_rewards"] == 1
     assert infinite["reward_mean"] is None and infinite["answer_similarity"] is None
+
+
+def _prediction(conversation: str, turn: int, gold: str, pred: str, accuracy: float, reward: float) -> dict:
+    return {"conversation_id": conversation, "turn_index": turn, "gold_kind": gold, "pred_kind": pred,
+            "components": {"accuracy": accuracy}, "reward": reward}
+
+
+def test_paired_difference_by_hand():
+    before = [_prediction("a", 1, "answer", "answer", 1.5, 2.5),
+              _prediction("a", 3, "tool_call", "answer", -1.0, 0.0),
+              _prediction("b", 1, "tool_call", "tool_call", 1.0, 2.0),
+              _prediction("only-before", 1, "answer", "invalid", -1.0, -1.0)]
+    # Same turns in another order, one turn only here, one worse, one better, one equal.
+    after = [_prediction("b", 1, "tool_call", "answer", -1.0, 1.0),
+             _prediction("a", 3, "tool_call", "tool_call", 2.0, 3.0),
+             _prediction("a", 1, "answer", "answer", 1.5, 2.5),
+             _prediction("only-after", 2, "answer", "answer", 2.0, 3.0)]
+    result = paired_difference(before, after)
+    assert result["turns"] == 3
+    # action: d = [0, +1, -1] -> mean 0, sample variance 1, se = sqrt(1/3)
+    action = result["action_accuracy"]
+    assert action["delta"] == pytest.approx(0.0)
+    assert action["se"] == pytest.approx(math.sqrt(1 / 3))
+    assert (action["better"], action["worse"], action["n"]) == (1, 1, 3)
+    # R_acc: d = [0, 3, -2] -> mean 1/3, variance ((1/3)^2 + (8/3)^2 + (7/3)^2) / 2 = 19/3
+    r_acc = result["reward_accuracy"]
+    assert r_acc["delta"] == pytest.approx(1 / 3)
+    assert r_acc["se"] == pytest.approx(math.sqrt(19 / 3 / 3))
+    # reward: d = [0, 3, -1] -> mean 2/3
+    assert result["reward_mean"]["delta"] == pytest.approx(2 / 3)
+
+
+def test_paired_difference_skips_nonfinite_and_handles_tiny_inputs():
+    before = [_prediction("a", 1, "answer", "answer", float("nan"), 1.0)]
+    after = [_prediction("a", 1, "answer", "tool_call", -1.0, 0.0)]
+    result = paired_difference(before, after)
+    assert result["reward_accuracy"] == {"delta": None, "se": None, "n": 0, "better": 0, "worse": 0}
+    assert result["action_accuracy"]["delta"] == -1.0 and result["action_accuracy"]["se"] == 0.0
+    assert paired_difference([], [])["turns"] == 0
+
+
+def test_format_paired_table():
+    before = [_prediction("a", i, "answer", "answer" if i % 2 else "tool_call", 1.0, 2.0) for i in range(4)]
+    after = [_prediction("a", i, "answer", "answer", 1.5, 2.5) for i in range(4)]
+    text = format_paired_table({"rl - coldstart": paired_difference(before, after)}, title="test")
+    lines = text.splitlines()
+    assert lines[0] == "### test"
+    assert lines[2].startswith("| Comparison | Action acc. | R_acc | Reward | Turns |")
+    assert lines[4] == "| rl - coldstart | +0.500 ± 0.289 | +0.500 ± 0.000 | +0.500 ± 0.000 | 4 |"

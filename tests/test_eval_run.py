@@ -242,9 +242,15 @@ def test_cli_end_to_end(tmp_path, tiny_models, capsys):
         untrained = read_predictions(out / f"predictions-untrained-{split}.jsonl")
         lora = read_predictions(out / f"predictions-lora-{split}.jsonl")
         assert [p["completion"] for p in untrained] == [p["completion"] for p in lora]
+        # ... so the paired difference of "lora - untrained" is exactly zero on every turn.
+        paired = results["paired"][split]["lora - untrained"]
+        assert paired["turns"] == len(lora)
+        for key in ("action_accuracy", "reward_accuracy", "reward_mean"):
+            assert (paired[key]["delta"], paired[key]["better"], paired[key]["worse"]) == (0.0, 0, 0), key
 
     markdown = (out / "results.md").read_text()
-    for text in ("### test (synthetic:test)", "### ood_test (synthetic:ood_test)", "| untrained |", "| lora |"):
+    for text in ("### test (synthetic:test)", "### ood_test (synthetic:ood_test)", "| untrained |", "| lora |",
+                 "### test: paired differences", "| lora - untrained | +0.000 ± 0.000 |"):
         assert text in markdown and text in printed
 
 
