@@ -1,7 +1,7 @@
 """The paper's whole pipeline on the embedded default: what `python -m grpo.train` runs with no
 --init/--model.
 
-    python -m grpo.train                          # preset "default": about 20 minutes on 2 CPU cores
+    python -m grpo.train                          # preset "default": about 16 minutes on 2 CPU cores
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
     python -m grpo.train --out runs/seed1 --seed 1
 
@@ -14,7 +14,9 @@ Stages, each in its own directory under --out, each reused when a rerun finds it
     coldstart/   stage 2: LoRA SFT on <= 100 turns with written reasoning
     grpo/        stage 3: GRPO from the cold-start checkpoint (fresh LoRA on the merged model)
     eval/        the paper's table for untrained, SFT, cold start and RL on the synthetic test and
-                 out-of-domain test splits, prediction files, and plots             (eval/)
+                 out-of-domain test splits (greedy), prediction files, and plots    (eval/)
+    eval-sampled/  the same turns for cold start and RL, one sample each at temperature 1 (the
+                 policy GRPO optimises; greedy decoding shows only its mode)
 
 This module is the only one above `sft` and `eval`; nothing imports it.
 """
@@ -46,6 +48,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
                  "max_new_tokens": 96, "lr": 5e-4, "save_every": 40, "max_prompt_length": 768, "sample_every": 10,
                  "train_micro_batch": 16},
         "eval": {"limit": 400, "batch_size": 16, "max_new_tokens": 96, "max_prompt_length": 768},
+        # The cold-start and RL policies once more, sampled at the rollout temperature (what GRPO optimises).
+        "eval_sampled": {"temperature": 1.0},
     },
     "smoke": {
         "tiny": {"vocab_size": 512, "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
@@ -57,6 +61,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "grpo": {"max_steps": 2, "prompts_per_step": 2, "group_size": 4, "rollout_batch_prompts": 2,
                  "max_new_tokens": 24, "lr": 5e-4, "save_every": 0, "max_prompt_length": 768, "sample_every": 1},
         "eval": {"limit": 8, "batch_size": 8, "max_new_tokens": 24, "max_prompt_length": 768},
+        "eval_sampled": {"temperature": 1.0},
     },
 }
 
@@ -136,6 +141,14 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         )
         summary["eval"] = run_eval(eval_config)
         timings["eval"] = time.perf_counter() - began
+        if "eval_sampled" in preset:
+            # Greedy decoding shows the policy's mode; GRPO optimises its samples.  The same turns,
+            # one sample each at the rollout temperature, for the checkpoints before and after GRPO.
+            began = time.perf_counter()
+            summary["eval_sampled"] = run_eval(dataclasses.replace(
+                eval_config, checkpoint=f"coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
+                out=str(out / "eval-sampled"), greedy=False, **preset["eval_sampled"]))
+            timings["eval-sampled"] = time.perf_counter() - began
         try:
             from eval.plot import plot_run
 

@@ -47,7 +47,14 @@ def test_smoke_pipeline_runs_every_stage(smoke_run):
         assert key in text
     assert "stage times" in result.stdout
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["timings_s"]) >= {"sft-base", "coldstart", "grpo", "eval", "total"}
+    assert set(summary["timings_s"]) >= {"sft-base", "coldstart", "grpo", "eval", "eval-sampled", "total"}
+    # Greedy eval: each checkpoint against the one before it, on the same turns.
+    assert set(results["paired"]["test"]) == {"sft - untrained", "coldstart - sft", "rl - coldstart"}
+    # Sampled eval: cold start and RL only, decoded at temperature 1.
+    sampled = json.loads((out / "eval-sampled" / "results.json").read_text())
+    assert sampled["config"]["greedy"] is False and sampled["config"]["temperature"] == 1.0
+    assert set(sampled["results"]["ood_test"]) == {"coldstart", "rl"}
+    assert set(sampled["paired"]["test"]) == {"rl - coldstart"}
     pngs = list((out / "plots").glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
 
