@@ -1,7 +1,7 @@
 """The paper's whole pipeline on the embedded default: what `python -m grpo.train` runs with no
 --init/--model.
 
-    python -m grpo.train                          # preset "default": about 16 minutes on 2 CPU cores
+    python -m grpo.train                          # preset "default": about 17 minutes on 2 CPU cores
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
     python -m grpo.train --out runs/seed1 --seed 1
 
