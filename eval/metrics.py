@@ -264,8 +264,15 @@ def paired_difference(before: Iterable[Mapping[str, Any]], after: Iterable[Mappi
     of either mean alone: turns both get right or both get wrong add nothing to it.  delta / se
     above ~2 is unlikely from turn sampling alone (it does not measure seed-to-seed variation).
     """
-    def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, Any], Mapping[str, Any]]:
-        return {(row["conversation_id"], row["turn_index"]): row for row in rows}
+    def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, Any, int], Mapping[str, Any]]:
+        # A data file may repeat a conversation id: repeats are paired in their order of appearance.
+        seen: dict[tuple[Any, Any], int] = {}
+        keyed_rows = {}
+        for row in rows:
+            turn = (row["conversation_id"], row["turn_index"])
+            seen[turn] = seen.get(turn, 0) + 1
+            keyed_rows[(*turn, seen[turn])] = row
+        return keyed_rows
 
     first, second = keyed(before), keyed(after)
     common = [key for key in first if key in second]

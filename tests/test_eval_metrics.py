@@ -230,6 +230,16 @@ def test_paired_difference_skips_nonfinite_and_handles_tiny_inputs():
     assert paired_difference([], [])["turns"] == 0
 
 
+def test_paired_difference_pairs_repeated_ids_in_order():
+    # Two conversations share an id (allowed in user data): the k-th repeat pairs with the k-th.
+    before = [_prediction("dup", 1, "answer", "answer", 1.0, 2.0), _prediction("dup", 1, "answer", "invalid", -1.0, -1.0)]
+    after = [_prediction("dup", 1, "answer", "answer", 1.0, 2.0), _prediction("dup", 1, "answer", "answer", 1.0, 2.0)]
+    result = paired_difference(before, after)
+    assert result["turns"] == 2
+    assert result["action_accuracy"]["delta"] == pytest.approx(0.5)
+    assert (result["action_accuracy"]["better"], result["action_accuracy"]["worse"]) == (1, 0)
+
+
 def test_format_paired_table():
     before = [_prediction("a", i, "answer", "answer" if i % 2 else "tool_call", 1.0, 2.0) for i in range(4)]
     after = [_prediction("a", i, "answer", "answer", 1.5, 2.5) for i in range(4)]
