@@ -588,6 +588,53 @@ def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype, log
         raise SystemExit(f"{source}: {error}") from None
 
 
+@dataclasses.dataclass
+class RunStart:
+    """A trainer's run directory opened for a (possibly resumed) run: see `open_run`."""
+
+    run_dir: Path
+    resume_from: Path | None  # the newest checkpoint when --resume found one
+    state: dict[str, Any] | None  # its trainer state (step, optimizer, RNG, ...)
+    start_step: int
+    logger: RunLogger
+    log: Callable[[str], None]  # prints and writes log.txt on rank 0; silent elsewhere
+    dtype: torch.dtype
+
+
+def open_run(config: Any, context: Distributed, device: torch.device) -> RunStart:
+    """What GRPO and SFT do before loading a model: create the run directory (rank 0), clear what a
+    killed checkpoint writer left, set threads / determinism / seeds, find the checkpoint to resume
+    from and check its settings against `config`, cut the logs back to it, open the logger and
+    write config.json.  `config` needs out, resume, threads, deterministic, seed and dtype."""
+    from grpo.checkpoint import load_trainer_state
+
+    run_dir = Path(config.out)
+    if context.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            remove_stale_temporaries(run_dir)  # what a killed checkpoint writer left behind
+    distributed.barrier(context)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True)
+    seed_everything(config.seed)  # the same seed on every rank: identical initialisation
+    resume_from = latest_checkpoint(run_dir) if config.resume else None
+    state = load_trainer_state(resume_from) if resume_from is not None else None
+    start_step = int(state["step"]) if state is not None else 0
+    if state is not None and context.is_main:
+        trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
+    logger = RunLogger(run_dir, enabled=context.is_main)
+    log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
+    if config.resume and resume_from is None:
+        log(f"--resume: no checkpoint in {run_dir}/checkpoints yet, starting from step 0")
+    if context.is_main:
+        write_json(run_dir / "config.json", config_to_dict(config))
+    if resume_from is not None:
+        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
+    return RunStart(run_dir, resume_from, state, start_step, logger, log, resolve_dtype(config.dtype, device))
+
+
 def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], list[Any]] | None = None) -> Path:
     """Run GRPO as configured; returns the run directory.  Resumable with config.resume.
 
@@ -601,40 +648,15 @@ def _train(config: GRPOConfig, context: Distributed, device: torch.device,
            reward_fn: Callable[[list[str], list[dict]], list[Any]] | None) -> Path:
     from tqdm.auto import tqdm
 
-    from grpo.checkpoint import load_trainer_state
-
     check_world(config, context)
-    run_dir = Path(config.out)
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    distributed.barrier(context)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    seed_everything(config.seed)  # the same seed on every rank: identical initialisation
-    if config.resume and context.is_main:
-        remove_stale_temporaries(run_dir)  # what a killed checkpoint writer left behind
-    distributed.barrier(context)
-    resume_from = latest_checkpoint(run_dir) if config.resume else None
-    state = load_trainer_state(resume_from) if resume_from is not None else None
-    start_step = int(state["step"]) if state is not None else 0
-    if state is not None and context.is_main:
-        trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
-    logger = RunLogger(run_dir, enabled=context.is_main)
-    log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
-    if config.resume and resume_from is None:
-        log(f"--resume: no checkpoint in {run_dir}/checkpoints yet, starting from step 0")
+    run = open_run(config, context, device)
+    run_dir, resume_from, state, start_step, logger, log, dtype = (
+        run.run_dir, run.resume_from, run.state, run.start_step, run.logger, run.log, run.dtype)
     if context.enabled:
         log(f"distributed: {context.world_size} processes ({context.backend}), "
             f"{config.prompts_per_step // context.world_size} prompts per rank and step"
             + (", FSDP2" if config.fsdp else ""))
-    dtype = resolve_dtype(config.dtype, device)
-    if context.is_main:
-        write_json(run_dir / "config.json", config_to_dict(config))
 
-    if resume_from is not None:
-        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
     policy = load_start_policy(config, device, dtype, log, context)
     reference_policy = None
     if config.beta > 0 and not policy.use_lora:

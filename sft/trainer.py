@@ -30,21 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from grpo import distributed
-from grpo.checkpoint import (
-    check_resume_compatible,
-    latest_checkpoint,
-    load_optimizer_state,
-    load_trainer_state,
-    remove_stale_temporaries,
-    restore_policy_weights,
-    save_training_checkpoint,
-    write_json,
-)
-from grpo.config import check_ranges, config_to_dict, field
+from grpo.checkpoint import check_resume_compatible, load_optimizer_state, restore_policy_weights, save_training_checkpoint
+from grpo.config import check_ranges, field
 from grpo.distributed import SINGLE, Distributed
 from grpo.policy import PLAIN_HEAD_MODEL_TYPES, Policy, causal_lm_of
-from grpo.trainer import load_start_policy  # the same starting point logic as GRPO: --init or --model
-from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
+from grpo.trainer import load_start_policy, open_run  # the same run setup and starting point as GRPO
+from grpo.runtime import StopRequest, derived_seed, lr_at
 
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DEFAULT_DATA = {"base": "synthetic:train", "coldstart": "synthetic:coldstart"}
@@ -294,30 +285,9 @@ def _train(config: SFTConfig, context: Distributed, device: torch.device) -> Pat
 
     if config.fsdp and not context.enabled:
         raise SystemExit("--fsdp needs several processes: start the run with torchrun --nproc_per_node N (N >= 2)")
-    run_dir = Path(config.out)
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config.resume:
-            remove_stale_temporaries(run_dir)  # what a killed checkpoint writer left behind
-    distributed.barrier(context)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True)
-    seed_everything(config.seed)  # the same seed on every rank: identical initialisation
-    resume_from = latest_checkpoint(run_dir) if config.resume else None
-    state = load_trainer_state(resume_from) if resume_from is not None else None
-    start_step = int(state["step"]) if state is not None else 0
-    if state is not None and context.is_main:
-        trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
-    logger = RunLogger(run_dir, enabled=context.is_main)
-    log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
-    dtype = resolve_dtype(config.dtype, device)
-    if context.is_main:
-        write_json(run_dir / "config.json", config_to_dict(config))
-
-    if resume_from is not None:
-        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
+    run = open_run(config, context, device)
+    run_dir, resume_from, state, start_step, logger, log, dtype = (
+        run.run_dir, run.resume_from, run.state, run.start_step, run.logger, run.log, run.dtype)
     policy = load_start_policy(config, device, dtype, log, context)
     try:
         data = prepare_data(config, policy.tokenizer, log)
