@@ -10,7 +10,11 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
+from grpo.policy import TinyModelConfig  # noqa: E402
+
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The tiny model of the trainer tests (GRPO, SFT, bad inputs): they share one base directory.
+TRAINER_TINY_MODEL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 
 
 @pytest.fixture
@@ -19,3 +23,37 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent (real data and tokenizer live there; clone the project alone and it is)")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine OpenMP
+    threads waiting for each other make them many times slower.  A module opts in with
+    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory) -> Path:
+    """Synthetic splits in APIGen-MT files: 12 training conversations (68 prompts); a cold-start
+    file whose 2 conversations hold 12 actions, 8 of them with written reasoning."""
+    from data.synthetic import write_splits
+
+    directory = tmp_path_factory.getbasetemp() / "trainer-data"
+    if not (directory / "train.json").is_file():
+        write_splits(directory, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, small_data) -> Path:
+    """The trainer tests' tiny base model directory (built once per session: prepare_tiny_base reuses it)."""
+    from grpo.tiny import prepare_tiny_base
+
+    return prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
+                             model_config=TRAINER_TINY_MODEL, data_spec=str(small_data / "train.json"))

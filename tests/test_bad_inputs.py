@@ -31,37 +31,15 @@ import torch
 import grpo.trainer as grpo_trainer
 import sft.trainer as sft_trainer
 from grpo.config import parse_config
-from grpo.policy import LoraSettings, TinyModelConfig, build_tiny_model, load_policy, load_tokenizer, save_base_model
+from grpo.policy import LoraSettings, build_tiny_model, load_policy, load_tokenizer, save_base_model
 from rewards.score import RewardResult
+from tests.conftest import TRAINER_TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
+TINY = TRAINER_TINY_MODEL  # the model of the tiny_base fixture
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    from data.synthetic import write_splits
-
-    directory = tmp_path_factory.getbasetemp() / "trainer-data"
-    if not (directory / "train.json").is_file():
-        write_splits(directory, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, small_data) -> Path:
-    from grpo.tiny import prepare_tiny_base
-
-    return prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512, model_config=TINY,
-                             data_spec=str(small_data / "train.json"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

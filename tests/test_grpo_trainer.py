@@ -29,12 +29,10 @@ import torch
 import grpo.train
 import grpo.trainer as trainer
 from grpo.checkpoint import latest_checkpoint
-from grpo.policy import LoraSettings, Policy, TinyModelConfig, load_policy, reference_mode, token_logprobs
-from grpo.tiny import prepare_tiny_base
+from grpo.policy import LoraSettings, Policy, load_policy, reference_mode, token_logprobs
 from rewards.score import RewardResult
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 SMALL_LORA = LoraSettings(r=4, alpha=8)
 
 # Metrics the issue asks for, by the names the trainer logs them under.
@@ -47,31 +45,7 @@ REQUIRED_METRICS = (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core machine it slows them down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """Synthetic splits in APIGen-MT files: 12 training conversations (68 prompts)."""
-    from data.synthetic import write_splits
-
-    directory = tmp_path_factory.getbasetemp() / "trainer-data"
-    if not (directory / "train.json").is_file():
-        write_splits(directory, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, small_data) -> Path:
-    """The tiny base model directory (shared with test_sft.py: prepare_tiny_base reuses it)."""
-    return prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
-                             model_config=TINY_MODEL, data_spec=str(small_data / "train.json"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -23,14 +23,7 @@ from tests.test_policy import QWEN3_TOKENIZER, SMALL_LORA, TINY, build_word_toke
 PROMPT_LENGTHS = (3, 7, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core machine OpenMP
-    threads waiting for each other make them many times slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def varied_model(tokenizer, seed: int = 0):

@@ -20,40 +20,13 @@ import torch
 
 from data.batching import collate
 from grpo.checkpoint import latest_checkpoint, load_trainer_state
-from grpo.policy import LoraSettings, TinyModelConfig, load_model_weights, load_policy, load_tokenizer, read_lineage
-from grpo.tiny import prepare_tiny_base
+from grpo.policy import LoraSettings, load_model_weights, load_policy, load_tokenizer, read_lineage
 from sft.trainer import SFTConfig, accumulate_gradients, masked_nll_sum, prepare_data, train
 
-TINY_MODEL = TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core machine it slows them down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def small_data(tmp_path_factory) -> Path:
-    """Synthetic splits in APIGen-MT files: 12 training conversations; a cold-start file whose 2
-    conversations hold 12 actions, 8 of them with written reasoning."""
-    from data.synthetic import write_splits
-
-    directory = tmp_path_factory.getbasetemp() / "trainer-data"
-    if not (directory / "train.json").is_file():
-        write_splits(directory, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, small_data) -> Path:
-    """The tiny base model directory (shared with test_grpo_trainer.py: prepare_tiny_base reuses it)."""
-    return prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
-                             model_config=TINY_MODEL, data_spec=str(small_data / "train.json"))
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

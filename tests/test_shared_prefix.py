@@ -36,13 +36,7 @@ COMPLETION_LENGTHS = ((0, 6, 3, 1), (6, 6, 2, 5), (4, 1, 6, 3))  # right padded 
 TEMPERATURE = 0.7
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from a second thread; on a busy 2-core machine it slows them down."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def varied(model: torch.nn.Module, seed: int) -> torch.nn.Module:
