@@ -38,7 +38,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 GRPO_STEPS, SFT_STEPS = 6, 6
 
 
@@ -223,18 +222,9 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> tuple[Path, Path]:
-    """The shared tiny model and data (same paths and settings as test_grpo_trainer.py)."""
-    from data.synthetic import write_splits
-    from grpo.policy import TinyModelConfig
-    from grpo.tiny import prepare_tiny_base
-
-    data = tmp_path_factory.getbasetemp() / "trainer-data"
-    if not (data / "train.json").is_file():
-        write_splits(data, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
-    tiny_base = prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
-                                  model_config=TinyModelConfig(**TINY), data_spec=str(data / "train.json"))
-    return tiny_base, data
+def setup(tiny_base, small_data) -> tuple[Path, Path]:
+    """The trainer tests' tiny model and data (tests/conftest.py)."""
+    return tiny_base, small_data
 
 
 @pytest.fixture(scope="module")

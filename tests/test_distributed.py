@@ -32,8 +32,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TRAINER_TINY_MODEL
+
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, intermediate_size=64)
 FSDP = {"fsdp": True, "lora": False, "beta": 0.0, "lr": 1e-3, "max-steps": 2, "loss-type": "dapo"}
 SFT_FSDP = ["--fsdp", "--no-lora"]
 
@@ -175,18 +176,9 @@ def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, tor
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """The shared tiny model and data (same paths and settings as test_grpo_trainer.py)."""
-    from data.synthetic import write_splits
-    from grpo.policy import TinyModelConfig
-    from grpo.tiny import prepare_tiny_base
-
-    data = tmp_path_factory.getbasetemp() / "trainer-data"
-    if not (data / "train.json").is_file():
-        write_splits(data, seed=0, n_train=12, n_test=2, n_ood=2, n_coldstart=8)
-    tiny_base = prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
-                                  model_config=TinyModelConfig(**TINY), data_spec=str(data / "train.json"))
-    return tiny_base, data
+def setup(tiny_base, small_data) -> tuple[Path, Path]:
+    """The trainer tests' tiny model and data (tests/conftest.py)."""
+    return tiny_base, small_data
 
 
 @pytest.fixture(scope="module")
@@ -278,7 +270,7 @@ def test_fsdp_two_processes_equal_full_fine_tuning_on_one(two_process_runs, one_
 
     checkpoint = latest_checkpoint(two_process_runs["fsdp"])
     model = AutoModelForCausalLM.from_pretrained(checkpoint / "model", use_safetensors=True)
-    assert model.config.hidden_size == TINY["hidden_size"]
+    assert model.config.hidden_size == TRAINER_TINY_MODEL.hidden_size
     assert "FSDP2" in (two_process_runs["fsdp"] / "log.txt").read_text()
 
     # Resumed by both ranks from a gathered checkpoint (weights before sharding, then the
