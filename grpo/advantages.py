@@ -147,6 +147,25 @@ def group_advantages(rewards: Tensor, scale: str = "group", eps: float = 1e-4) -
     return torch.nan_to_num(advantages, nan=0.0)
 
 
+def most_varied_groups(rewards: Tensor, keep: int) -> Tensor:
+    """Indices (ascending) of the `keep` groups of rewards [B, G] whose scored rewards vary most.
+
+    The ranking key is the group's unbiased std over its scored rewards (0 for a zero-variance
+    group, -1 for a group with fewer than two scored rewards); ties go to the earlier group.  Used
+    by GRPO's optional group selection (--oversample): a zero-variance group yields no gradient,
+    and after the division by the group std a group whose rewards differ only a little pushes as
+    hard as one whose completions differ in what the reward cares about most.  This generalises
+    DAPO's dynamic sampling (drop groups whose rewards are all equal) to continuous rewards.
+    """
+    rewards = _as_reward_matrix(rewards)
+    if not 0 <= keep <= rewards.shape[0]:
+        raise ValueError(f"keep must be in [0, {rewards.shape[0]}] (the number of groups); got {keep}")
+    _scored, count, _mean, std, constant = _group_statistics(rewards.to(_statistics_dtype(rewards)))
+    key = torch.where(count < 2, torch.full_like(std, -1.0), torch.where(constant, torch.zeros_like(std), std)).squeeze(-1)
+    order = torch.sort(-key, stable=True).indices
+    return order[:keep].sort().values
+
+
 def advantage_stats(rewards: Tensor) -> dict[str, float | int]:
     """Diagnostics of a reward matrix [B, G], as python floats for logging.
 

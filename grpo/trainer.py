@@ -8,6 +8,12 @@
                 once for the whole step (accumulation == one big batch)
              -> clip grad norm -> AdamW step -> learning-rate schedule
 
+Optional group selection (--oversample K, K = 1 in the paper): sample groups for K times the
+step's prompts, then train on the prompts_per_step groups whose rewards vary most
+(grpo.advantages.most_varied_groups); the logged rewards describe every sampled group.  Under
+torchrun each rank keeps its share from its own groups, so which groups are kept (not what is
+sampled) depends on the number of processes.
+
 With mu = 1 (the default, as in the paper) the sampled completions are used once and
 old_logprobs = logprobs.detach(), so the ratio is 1 and the objective reduces to the
 policy-gradient term.  With mu > 1 the old log-probs are recomputed once, before the first pass.
@@ -35,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from grpo.advantages import advantage_stats, group_advantages
+from grpo.advantages import advantage_stats, group_advantages, most_varied_groups
 from grpo import distributed
 from grpo.checkpoint import (
     check_resume_compatible,
@@ -93,6 +99,8 @@ class GRPOConfig:
     group_size: int = field(8, "completions per prompt (G)")
     prompts_per_step: int = field(16, "prompts per optimizer step (paper: 1 x grad-accum 16)")
     rollout_batch_prompts: int = field(4, "prompts generated together in one rollout call")
+    oversample: int = field(1, "sample groups for oversample x prompts-per-step prompts and train on the "
+                               "prompts-per-step groups whose rewards vary most (1: every group, as in the paper)")
     max_new_tokens: int = field(128, "completion token limit")
     min_new_tokens: int = field(0, "stop tokens are banned until a completion has this many tokens")
     temperature: float = field(1.0, "sampling temperature (log-probs use the same)")
@@ -125,7 +133,8 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self, at_least_one=(
-            "group_size", "prompts_per_step", "rollout_batch_prompts", "max_new_tokens", "mu", "train_micro_batch",
+            "group_size", "prompts_per_step", "rollout_batch_prompts", "oversample", "max_new_tokens", "mu",
+            "train_micro_batch",
             "log_every", "max_bad_steps", "max_prompt_length", "lora_r"),
             non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k",
                           "min_new_tokens", "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm",
@@ -332,30 +341,39 @@ def rollout_and_score(
             targets.append(chunk[row // group_size].sample.target)
     results = reward_fn(texts, targets)
     local_rewards = torch.tensor([r.total for r in results], dtype=torch.float32).view(len(prompts), group_size)
-    rewards = distributed.all_gather_rows(context, local_rewards)  # [B, G], every rank's groups in order
+    candidates = distributed.all_gather_rows(context, local_rewards)  # [B, G], every rank's groups in order
+    # --oversample: each rank keeps its share of the step's groups, those whose rewards vary most.
+    kept_count = len(prompts) // config.oversample
+    kept = (most_varied_groups(local_rewards, kept_count) if config.oversample > 1
+            else torch.arange(len(prompts)))
+    rewards = distributed.all_gather_rows(context, local_rewards[kept]) if config.oversample > 1 else candidates
     advantages = group_advantages(rewards, scale=config.scale_rewards)
-    advantages = advantages[first_position:first_position + len(prompts)]  # this rank's groups
+    first_kept = first_position // config.oversample  # ranks keep equal shares, in rank order
+    local_advantages = dict(zip(kept.tolist(), advantages[first_kept:first_kept + kept_count]))  # group -> [G]
 
     batches = []
     first = 0  # this rank's prompts before the current chunk
     for chunk, rollout in chunks:
         b, g, t = rollout.completion_ids.shape
-        prompt_ids = rollout.prompt_ids.repeat_interleave(g, dim=0)
-        prompt_mask = rollout.prompt_mask.repeat_interleave(g, dim=0)
-        completion_ids = rollout.completion_ids.flatten(0, 1)
         completion_mask = rollout.completion_mask.flatten(0, 1)
-        batches.append(StepBatch(
-            input_ids=torch.cat([prompt_ids, completion_ids], dim=1).to(device),
-            attention_mask=torch.cat([prompt_mask, completion_mask.long()], dim=1).to(device),
-            completion_mask=completion_mask.float().to(device),
-            advantages=advantages[first:first + b].flatten().to(device),
-            prompt_length=prompt_ids.shape[1], group_size=g,
-        ))
-        first += b
         finished = rollout.finished.flatten()
         lengths = completion_mask.sum(-1)
         for row in range(b * g):
             records.append({"length": int(lengths[row]), "finished": bool(finished[row])})
+        groups = [i for i in range(b) if first + i in local_advantages]
+        if groups:
+            rows = torch.tensor([i * g + j for i in groups for j in range(g)])
+            prompt_ids = rollout.prompt_ids[groups].repeat_interleave(g, dim=0)
+            prompt_mask = rollout.prompt_mask[groups].repeat_interleave(g, dim=0)
+            completion_ids = rollout.completion_ids.flatten(0, 1)[rows]
+            batches.append(StepBatch(
+                input_ids=torch.cat([prompt_ids, completion_ids], dim=1).to(device),
+                attention_mask=torch.cat([prompt_mask, completion_mask[rows].long()], dim=1).to(device),
+                completion_mask=completion_mask[rows].float().to(device),
+                advantages=torch.cat([local_advantages[first + i] for i in groups]).to(device),
+                prompt_length=prompt_ids.shape[1], group_size=g,
+            ))
+        first += b
 
     for record, text, target, result in zip(records, texts, targets, results):
         record.update(text=text, target=target, reward=result.total, components=dict(result.components), success=result.success)
@@ -375,7 +393,7 @@ def rollout_and_score(
         context, {"length": max(r["length"] for r in records), "time": rollout_time}, op="max")
     completions = max(sums["completions"], 1)
     metrics: dict[str, Any] = {
-        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(rewards).items()},
+        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(candidates).items()},
         "success_rate": sums["success"] / completions,
         "completion/length_mean": sums["length"] / completions,
         "completion/length_max": maxima["length"],
@@ -387,7 +405,17 @@ def rollout_and_score(
     for key in ("accuracy", "format", "length"):
         if sums[f"component_count/{key}"]:
             metrics[f"reward/{key}"] = sums[f"component/{key}"] / sums[f"component_count/{key}"]
-    return batches, rewards, metrics, records
+    if config.oversample > 1:
+        metrics["select/group_std_all"] = _mean_group_std(candidates)
+        metrics["select/group_std_kept"] = _mean_group_std(rewards)
+    return batches, candidates, metrics, records
+
+
+def _mean_group_std(rewards: torch.Tensor) -> float:
+    """Mean over groups of the std of their finite rewards (a logging diagnostic for --oversample)."""
+    finite = torch.isfinite(rewards)
+    stds = [row[ok].std().item() for row, ok in zip(rewards, finite) if int(ok.sum()) >= 2]
+    return sum(stds) / len(stds) if stds else math.nan
 
 
 def _micro_batches(batch: StepBatch, size: int, *, whole_groups: bool = False) -> list[StepBatch]:
@@ -696,7 +724,8 @@ def _train(config: GRPOConfig, context: Distributed, device: torch.device,
 
     bad_steps = 0  # consecutive steps with a non-finite loss
     progress = tqdm(total=config.max_steps, initial=start_step, desc="grpo", dynamic_ncols=True, disable=not context.is_main)
-    batches_iter = prompt_batches(len(prompts), config.prompts_per_step, seed=config.seed, start_step=start_step)
+    batches_iter = prompt_batches(len(prompts), config.prompts_per_step * config.oversample, seed=config.seed,
+                                  start_step=start_step)
     step, stopping = start_step, False
     try:
         with StopRequest() as stop:

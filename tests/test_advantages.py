@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpo.advantages import advantage_stats, group_advantages
+from grpo.advantages import advantage_stats, group_advantages, most_varied_groups
 
 NAN = float("nan")
 INF = float("inf")
@@ -126,6 +126,24 @@ def test_bad_arguments_are_named():
         group_advantages(torch.zeros(2, 2), eps=-1.0)
     with pytest.raises(TypeError, match="rewards"):
         group_advantages(object())
+
+
+def test_most_varied_groups_by_hand():
+    rewards = torch.tensor([
+        [1.0, 1.0, 1.0, 1.0],  # zero variance: key 0
+        [0.0, 2.0, 0.0, 2.0],  # std 1.155
+        [0.0, 1.0, 0.0, 1.0],  # std 0.577
+        [math.nan, 1.0, math.nan, math.nan],  # one scored reward: key -1
+        [0.0, 0.0, 0.0, 3.0],  # std 1.5
+    ])
+    assert most_varied_groups(rewards, 2).tolist() == [1, 4]
+    assert most_varied_groups(rewards, 4).tolist() == [0, 1, 2, 4]
+    assert most_varied_groups(rewards, 5).tolist() == [0, 1, 2, 3, 4]
+    assert most_varied_groups(rewards, 0).tolist() == []
+    ties = torch.tensor([[0.0, 1.0], [5.0, 6.0], [2.0, 3.0]])
+    assert most_varied_groups(ties, 2).tolist() == [0, 1]  # equal spread: the earlier groups
+    with pytest.raises(ValueError, match="keep must be in"):
+        most_varied_groups(rewards, 6)
 
 
 def test_advantage_stats_by_hand():

@@ -382,3 +382,21 @@ def test_consecutive_nan_losses_stop_the_run(tmp_path, tiny_base, small_data, mo
                       reward_fn=scripted_rewards)
     assert poison.calls == 2
     assert [m["train/skipped_steps"] for m in read_metrics(out)] == [1, 2]
+
+
+def test_oversample_run_samples_twice_the_prompts_and_logs_the_selection(tmp_path, tiny_base, small_data):
+    scored = []
+
+    def counting_rewards(texts, targets):
+        scored.append(len(texts))
+        return scripted_rewards(texts, targets)
+
+    out = tmp_path / "run"
+    trainer.train(small_config(tiny_base, small_data, out, max_steps=2, oversample=2), reward_fn=counting_rewards)
+    assert scored == [8, 8]  # 2 prompts per step x oversample 2 = 4 groups of 2 completions
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2]
+    for m in metrics:
+        assert m["select/group_std_kept"] >= m["select/group_std_all"]
+        assert math.isfinite(m["loss"]) and m["nonfinite_loss"] is False
+    assert latest_checkpoint(out).name == "step-000002"

@@ -313,3 +313,49 @@ def test_policy_update_with_and_without_prefix_sharing_agree(word_policy, loss_t
         torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-7)
     for weight, expected in zip(shared_weights, weights):
         torch.testing.assert_close(weight, expected, rtol=1e-5, atol=1e-7)
+
+
+def scaled_length_reward(texts: list[str], targets: list[dict]) -> list[RewardResult]:
+    """Rewards whose spread inside a group is set by the group's target (0: a zero-variance group)."""
+    return [RewardResult(total=target["scale"] * float(len(text) % 5), components={}, success=False, kind="answer")
+            for text, target in zip(texts, targets)]
+
+
+def test_oversample_trains_on_the_groups_whose_rewards_vary_most(word_policy):
+    from grpo.advantages import group_advantages, most_varied_groups
+
+    generator = torch.Generator().manual_seed(1)
+    prompts = [trainer.Prompt(sample=SimpleNamespace(target={"scale": scale}),
+                              prompt_ids=torch.randint(16, len(word_policy.tokenizer), (length,), generator=generator).tolist())
+               for scale, length in zip((0.0, 1.0, 3.0, 0.1, 2.0, 5.0), (5, 11, 8, 6, 9, 7))]
+
+    def run(oversample: int):
+        config = trainer.GRPOConfig(group_size=4, max_new_tokens=8, rollout_batch_prompts=4, oversample=oversample)
+        return trainer.rollout_and_score(word_policy, prompts, config, step=3, reward_fn=scaled_length_reward,
+                                         device=torch.device("cpu"))
+
+    every_batch, every_reward, _, _ = run(1)
+    batches, rewards, metrics, records = run(2)
+    # The same completions are sampled either way; the metrics and records describe all 6 groups.
+    assert torch.equal(rewards, every_reward) and rewards.shape == (6, 4) and len(records) == 24
+    kept = most_varied_groups(rewards, 3).tolist()
+    assert 0 not in kept and 3 not in kept  # the zero-variance and the nearly constant group are dropped
+    assert metrics["select/group_std_kept"] > metrics["select/group_std_all"]
+
+    def rows_of(step_batches, groups):
+        rows = [(batch, i) for batch in step_batches for i in range(batch.input_ids.shape[0])]
+        return [rows[g * 4 + j] for g in groups for j in range(4)]
+
+    expected = rows_of(every_batch, kept)
+    got = rows_of(batches, range(3))
+    assert len(got) == sum(batch.input_ids.shape[0] for batch in batches) == 12
+    for (want_batch, want_row), (got_batch, got_row) in zip(expected, got):
+        assert torch.equal(got_batch.input_ids[got_row], want_batch.input_ids[want_row])
+        assert torch.equal(got_batch.completion_mask[got_row], want_batch.completion_mask[want_row])
+    advantages = torch.cat([batch.advantages for batch in batches])
+    assert torch.allclose(advantages, group_advantages(rewards[kept]).flatten())
+
+
+def test_oversample_must_be_positive():
+    with pytest.raises(ValueError, match="oversample"):
+        trainer.GRPOConfig(oversample=0)
