@@ -321,10 +321,6 @@ def test_load_dataset_rejects_unknown_synthetic_split():
 
 
 def test_load_dataset_synthetic_train():
-    try:
-        from data.synthetic import generate_splits  # noqa: F401
-    except ImportError:
-        pytest.skip("the synthetic generator (data/synthetic) has not landed")
     conversations, stats = load_dataset("synthetic:train", seed=0)
     again, _ = load_dataset("synthetic:train", seed=0)
     assert stats.skipped == 0 and len(conversations) > 0

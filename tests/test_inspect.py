@@ -126,10 +126,6 @@ def test_tokenizer_lengths(tmp_path: Path, apigen_file: Path, capsys):
 
 
 def test_synthetic_spec(capsys):
-    try:
-        from data.synthetic import generate_splits  # noqa: F401
-    except ImportError:
-        pytest.skip("the synthetic generator (data/synthetic) has not landed")
     summary = run_json(capsys, "synthetic:coldstart")
     assert summary["conversations"] > 0 and summary["samples_with_reasoning"] > 0
     assert main(["synthetic:nonsense"]) == 1

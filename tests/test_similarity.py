@@ -136,7 +136,7 @@ def test_default_without_package_names_both_attempts(fresh_caches, monkeypatch):
 
 
 def _tiny_bert(tmp_path, classifier: bool):
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizerFast
 
     words = "[PAD] [UNK] [CLS] [SEP] [MASK] your flight is booked cancelled the order paris sunny".split()
@@ -156,8 +156,7 @@ def _tiny_bert(tmp_path, classifier: bool):
 
 
 def test_tiny_cross_encoder_scores_are_the_sigmoid_of_its_logit(tmp_path, fresh_caches):
-    torch = pytest.importorskip("torch")
-    pytest.importorskip("sentence_transformers")
+    import torch
     from transformers import BertTokenizerFast
 
     model = _tiny_bert(tmp_path, classifier=True)
@@ -178,7 +177,6 @@ def test_tiny_cross_encoder_scores_are_the_sigmoid_of_its_logit(tmp_path, fresh_
 
 
 def test_tiny_bi_encoder_is_cosine_clipped(tmp_path, fresh_caches):
-    pytest.importorskip("sentence_transformers")
     _tiny_bert(tmp_path, classifier=False)
     scorer = get_similarity(str(tmp_path), device="cpu")
     assert isinstance(scorer, BiEncoderSimilarity)
