@@ -146,6 +146,11 @@ class GRPOConfig:
             # One completion per group has no spread to compare: every advantage would be 0.
             raise ValueError(f"--group-size must be >= 2 (GRPO compares the completions of a prompt), "
                              f"got {self.group_size}")
+        if self.fsdp and self.oversample > 1:
+            # FSDP needs the same number of forward passes on every rank; the kept groups of a rank
+            # can fall into a different number of rollout chunks than another rank's.
+            raise ValueError("--oversample > 1 is not supported with --fsdp (ranks could run different numbers "
+                             "of micro-batches); use it without --fsdp")
         if self.fsdp and self.lora:
             raise ValueError("--fsdp shards full fine-tuning; LoRA adapters are small enough to replicate "
                              "(drop --fsdp, or add --no-lora)")

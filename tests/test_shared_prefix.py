@@ -356,6 +356,9 @@ def test_oversample_trains_on_the_groups_whose_rewards_vary_most(word_policy):
     assert torch.allclose(advantages, group_advantages(rewards[kept]).flatten())
 
 
-def test_oversample_must_be_positive():
+def test_oversample_must_be_positive_and_is_refused_with_fsdp():
     with pytest.raises(ValueError, match="oversample"):
         trainer.GRPOConfig(oversample=0)
+    with pytest.raises(ValueError, match="--oversample > 1 is not supported with --fsdp"):
+        trainer.GRPOConfig(oversample=2, fsdp=True, lora=False)
+    assert trainer.GRPOConfig(oversample=1, fsdp=True, lora=False).oversample == 1
