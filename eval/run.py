@@ -5,6 +5,8 @@
     python -m eval.run --checkpoint base --model Qwen/Qwen3-1.7B \\
         --data tau-airline=../shared/data/tau-bench-airline/trajectories.json --limit 200 --out runs/eval-tau
     python -m eval.run --checkpoint untrained=base,rl=runs/grpo --model runs/default/base-tiny --data synthetic:test
+    python -m eval.run --checkpoint coldstart=runs/default/coldstart,rl=runs/default/grpo \\
+        --data trained:runs/default/grpo --limit 400 --out runs/eval-trained   # RL's own training prompts
 
 `--checkpoint NAME=PATH` may be repeated, list several pairs after one flag, or join them with
 commas (so may `--data`, whose items may be named too, `--data tau=PATH`; paths must not contain
@@ -54,10 +56,11 @@ class EvalConfig:
     checkpoint: str = field("", "NAME=PATH pairs to evaluate (repeat the flag or separate with commas); "
                                 "PATH 'base' means --model")
     model: str | None = field(None, "the plain model evaluated for PATH 'base': hub name or directory")
-    data: str = field("synthetic:test", "test sets: paths or synthetic:<split>, optionally NAME=SPEC (repeat the "
-                                        "flag or use commas)")
+    data: str = field("synthetic:test", "test sets: paths, synthetic:<split> or trained:GRPO_RUN_DIR (the prompts "
+                                        "that run trained on), optionally NAME=SPEC (repeat the flag or use commas)")
     data_format: str | None = field(None, "force the data format: apigen, tau or almita")
-    limit: int = field(0, "evaluate at most N turns per split, a seeded random subset in data order (0: all)")
+    limit: int = field(0, "evaluate at most N turns per split, a seeded random subset in data order "
+                          "(trained:RUN: the first N in training order; 0: all)")
     out: str = field("runs/eval", "output directory")
     seed: int = field(0, "seed of the synthetic data, the --limit subset and sampling")
     batch_size: int = field(16, "prompts decoded together (grouped by similar prompt length)")
@@ -158,6 +161,8 @@ def split_names(specs: Sequence[str]) -> dict[str, str]:
             name, spec = given, rest
         elif item.startswith("synthetic:"):
             name, spec = item.split(":", 1)[1], item
+        elif item.startswith("trained:"):
+            name, spec = "trained", item
         else:
             path = Path(item.rstrip("/"))
             name, spec = (path.stem if path.suffix else path.name), item
@@ -192,6 +197,13 @@ def load_samples(spec: str, *, seed: int, limit: int, data_format: str | None = 
     """
     from data import load_dataset, make_samples
 
+    if spec.startswith("trained:"):  # the prompts a GRPO run trained on: the first `limit`, in training order
+        from grpo.trainer import trained_samples
+
+        trained = trained_samples(spec.removeprefix("trained:"))
+        samples = trained[:limit] if limit else trained
+        return samples, {"spec": spec, "conversations": len({s.conversation_id for s in samples}),
+                         "turns_available": len(trained), "turns": len(samples)}
     conversations, stats = load_dataset(spec, seed=seed, format=data_format)
     samples = make_samples(conversations)
     info: dict[str, Any] = {"spec": spec, "conversations": len(conversations), "turns_available": len(samples)}

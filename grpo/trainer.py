@@ -232,6 +232,40 @@ def prompt_batches(num_prompts: int, per_step: int, *, seed: int, start_step: in
         step += 1
 
 
+def trained_samples(run_dir: str | Path) -> list[Any]:
+    """The samples a GRPO run has trained on so far, in training order (step 1's prompts first).
+
+    Rebuilt from the run's config.json and the tokenizer of its newest checkpoint, with the same
+    prompt list and `prompt_batches` order as the run, up to the checkpoint's step; with
+    --oversample, every sampled prompt (kept or not).  Lets `eval.run --data trained:RUN_DIR`
+    ask whether RL changed the decisions on its own training prompts (optimisation) or only
+    failed to carry them to the test split (generalisation).
+    """
+    import json
+
+    from grpo.checkpoint import load_trainer_state
+    from grpo.config import config_from_dict
+    from grpo.policy import load_tokenizer
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{run_dir} is not a GRPO run directory (no config.json)")
+    config = config_from_dict(GRPOConfig, json.loads(config_path.read_text()))
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise ValueError(f"{run_dir} has no checkpoint yet: nothing has been trained")
+    steps = int(load_trainer_state(checkpoint)["step"])
+    prompts = build_prompts(config, load_tokenizer(checkpoint), log=lambda message: None)
+    order: list[int] = []
+    for step, indices in prompt_batches(len(prompts), config.prompts_per_step * config.oversample,
+                                        seed=config.seed, start_step=0):
+        if step >= steps:
+            break
+        order.extend(indices)
+    return [prompts[index].sample for index in order]
+
+
 # ---------------------------------------------------------------------------------------------
 # One optimizer step
 # ---------------------------------------------------------------------------------------------

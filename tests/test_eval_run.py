@@ -51,8 +51,11 @@ def test_parse_checkpoints():
 
 def test_split_names_are_short_unique_and_file_safe(tmp_path):
     names = split_names(["synthetic:test", "synthetic:ood_test", "../shared/data/tau-bench-airline/",
-                         "a/b/almita test.csv", "c/almita test.csv", "tau=x/trajectories.json", "d/k=v.json"])
-    assert list(names) == ["test", "ood_test", "tau-bench-airline", "almita_test", "almita_test-2", "tau", "k_v"]
+                         "a/b/almita test.csv", "c/almita test.csv", "tau=x/trajectories.json", "d/k=v.json",
+                         "trained:runs/default/grpo"])
+    assert list(names) == ["test", "ood_test", "tau-bench-airline", "almita_test", "almita_test-2", "tau", "k_v",
+                           "trained"]
+    assert names["trained"] == "trained:runs/default/grpo"
     assert names["tau-bench-airline"] == "../shared/data/tau-bench-airline/"
     assert names["tau"] == "x/trajectories.json" and names["k_v"] == "d/k=v.json"
     assert predictions_path(tmp_path, "rl/seed 1", "test").name == "predictions-rl_seed_1-test.jsonl"

@@ -400,3 +400,19 @@ def test_oversample_run_samples_twice_the_prompts_and_logs_the_selection(tmp_pat
         assert m["select/group_std_kept"] >= m["select/group_std_all"]
         assert math.isfinite(m["loss"]) and m["nonfinite_loss"] is False
     assert latest_checkpoint(out).name == "step-000002"
+
+    # The run's training prompts, rebuilt from its directory: 2 steps x 4 sampled prompts, in order.
+    trained = trainer.trained_samples(out)
+    assert len(trained) == 8
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1] * 4 + [2] * 4  # each step's first 4 completions: 2 groups of 2
+    for step in range(2):
+        first_two = [records[4 * step]["target"], records[4 * step + 2]["target"]]
+        assert first_two == [trained[4 * step].target, trained[4 * step + 1].target]
+
+    from eval.run import load_samples
+
+    samples, info = load_samples(f"trained:{out}", seed=0, limit=3)
+    assert samples == trained[:3] and info["turns"] == 3 and info["turns_available"] == 8
+    with pytest.raises(ValueError, match="not a GRPO run directory"):
+        trainer.trained_samples(tmp_path)
