@@ -15,6 +15,8 @@ references run in the test process with one process and the same *global* batch:
 - GRPO with --fsdp --no-lora (FSDP2 on gloo works): the full weights after 2 steps equal the
   one-process full fine-tuning, also when both ranks resume after step 1, and the checkpoint is
   a plain safetensors model.
+- GRPO with --oversample 2: the same sampled groups as one process (each rank then keeps its
+  share from its own groups).
 - Rank 0 alone writes the run directory: one metrics line per step, one log line per event.
 
 Pure functions (shard_bounds, rollout_chunks, the single-process collectives) are tested
@@ -24,6 +26,7 @@ directly.  Equality holds to float tolerance: the ranks' gradients are summed in
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,6 +39,7 @@ from tests.conftest import TRAINER_TINY_MODEL
 
 REPO = Path(__file__).resolve().parents[1]
 FSDP = {"fsdp": True, "lora": False, "beta": 0.0, "lr": 1e-3, "max-steps": 2, "loss-type": "dapo"}
+OVERSAMPLE = {"oversample": 2, "max-steps": 1, "beta": 0.0}
 SFT_FSDP = ["--fsdp", "--no-lora"]
 
 
@@ -195,6 +199,7 @@ def two_process_runs(setup, tmp_path_factory):
         "fsdp-split": ("grpo", grpo_argv(tiny_base, data, root / "fsdp-split", **{**FSDP, "max-steps": 1})),
         "fsdp-resumed": ("grpo", grpo_argv(tiny_base, data, root / "fsdp-split", resume=True, **FSDP)),
         "sft-fsdp": ("sft", sft_argv(tiny_base, data, root / "sft-fsdp", **{"grad-accum": 1, "lr": 1e-3}) + SFT_FSDP),
+        "oversample": ("grpo", grpo_argv(tiny_base, data, root / "oversample", **OVERSAMPLE)),
     }
     spec = root / "spec.json"
     spec.write_text(json.dumps([[entry, argv] for entry, argv in runs.values()]))
@@ -222,9 +227,11 @@ def one_process(setup, tmp_path_factory):
         sft.train.main(sft_argv(tiny_base, data, root / "sft"))
         run_grpo(grpo_argv(tiny_base, data, root / "full", **{**FSDP, "fsdp": False}))
         sft.train.main(sft_argv(tiny_base, data, root / "sft-full", lr=1e-3) + SFT_FSDP[1:])
+        run_grpo(grpo_argv(tiny_base, data, root / "oversample", **OVERSAMPLE))
     finally:
         torch.set_num_threads(threads)
-    return {"grpo": root / "grpo", "sft": root / "sft", "full": root / "full", "sft-full": root / "sft-full"}
+    return {"grpo": root / "grpo", "sft": root / "sft", "full": root / "full", "sft-full": root / "sft-full",
+            "oversample": root / "oversample"}
 
 
 def test_grpo_two_processes_equal_one(two_process_runs, one_process):
@@ -256,6 +263,16 @@ def test_sft_two_processes_equal_one_with_the_same_global_batch(two_process_runs
     assert [record["step"] for record in two] == [1, 2, 3]
     assert [record["loss"] for record in two] == pytest.approx([record["loss"] for record in one], rel=1e-4)
     assert two[-1]["val_loss"] == pytest.approx(one[-1]["val_loss"], rel=1e-4)
+
+
+def test_oversample_two_processes_sample_what_one_samples_and_keep_per_rank(two_process_runs, one_process):
+    """8 groups sampled per step, 4 kept: the same samples as one process; each rank keeps its best
+    2 of its own 4, so the kept groups' mean std is at most that of one process's best 4 of 8."""
+    (two,), (one,) = read_metrics(two_process_runs["oversample"]), read_metrics(one_process["oversample"])
+    for key in ("reward/mean", "reward/std", "completion/length_mean", "select/group_std_all"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert one["select/group_std_all"] <= two["select/group_std_kept"] <= one["select/group_std_kept"] + 1e-6
+    assert math.isfinite(two["loss"]) and two["nonfinite_loss"] is False
 
 
 def test_fsdp_two_processes_equal_full_fine_tuning_on_one(two_process_runs, one_process, setup):
