@@ -160,10 +160,18 @@ def most_varied_groups(rewards: Tensor, keep: int) -> Tensor:
     rewards = _as_reward_matrix(rewards)
     if not 0 <= keep <= rewards.shape[0]:
         raise ValueError(f"keep must be in [0, {rewards.shape[0]}] (the number of groups); got {keep}")
-    _scored, count, _mean, std, constant = _group_statistics(rewards.to(_statistics_dtype(rewards)))
-    key = torch.where(count < 2, torch.full_like(std, -1.0), torch.where(constant, torch.zeros_like(std), std)).squeeze(-1)
+    key = torch.nan_to_num(group_reward_std(rewards), nan=-1.0)
     order = torch.sort(-key, stable=True).indices
     return order[:keep].sort().values
+
+
+def group_reward_std(rewards: Tensor) -> Tensor:
+    """Per-group unbiased std [B] of the scored rewards of rewards [B, G]: exactly 0 for a
+    zero-variance group, NaN for a group with fewer than two scored rewards."""
+    rewards = _as_reward_matrix(rewards)
+    _scored, count, _mean, std, constant = _group_statistics(rewards.to(_statistics_dtype(rewards)))
+    std = torch.where(constant, torch.zeros_like(std), std)
+    return torch.where(count < 2, torch.full_like(std, math.nan), std).squeeze(-1)
 
 
 def advantage_stats(rewards: Tensor) -> dict[str, float | int]:

@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from grpo.advantages import advantage_stats, group_advantages, most_varied_groups
+from grpo.advantages import advantage_stats, group_advantages, group_reward_std, most_varied_groups
 from grpo import distributed
 from grpo.checkpoint import (
     check_resume_compatible,
@@ -451,10 +451,10 @@ def rollout_and_score(
 
 
 def _mean_group_std(rewards: torch.Tensor) -> float:
-    """Mean over groups of the std of their finite rewards (a logging diagnostic for --oversample)."""
-    finite = torch.isfinite(rewards)
-    stds = [row[ok].std().item() for row, ok in zip(rewards, finite) if int(ok.sum()) >= 2]
-    return sum(stds) / len(stds) if stds else math.nan
+    """Mean over groups of the std of their scored rewards (a logging diagnostic for --oversample)."""
+    stds = group_reward_std(rewards)
+    stds = stds[~stds.isnan()]
+    return stds.mean().item() if stds.numel() else math.nan
 
 
 def _micro_batches(batch: StepBatch, size: int, *, whole_groups: bool = False) -> list[StepBatch]:
