@@ -263,6 +263,11 @@ def paired_difference(before: Iterable[Mapping[str, Any]], after: Iterable[Mappi
     Because both checkpoints answer the same turns, se is much smaller than the standard error
     of either mean alone: turns both get right or both get wrong add nothing to it.  delta / se
     above ~2 is unlikely from turn sampling alone (it does not measure seed-to-seed variation).
+
+    "action_transitions" counts the turns by their action state before and after ("right->right",
+    "invalid->right", "wrong->right", ...; states from `action_state`): it tells a change of
+    decisions (wrong->right, right->wrong) from a repair or a break of the output format
+    (invalid->right, right->invalid), which the action-accuracy delta alone cannot.
     """
     def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple[Any, Any, int], Mapping[str, Any]]:
         # A data file may repeat a conversation id: repeats are paired in their order of appearance.
@@ -292,12 +297,28 @@ def paired_difference(before: Iterable[Mapping[str, Any]], after: Iterable[Mappi
             se = 0.0 if n == 1 else None
         result[name] = {"delta": mean, "se": se, "n": n, "better": sum(d > 0 for d in differences),
                         "worse": sum(d < 0 for d in differences)}
+    transitions = {f"{a}->{b}": 0 for a in ACTION_STATES for b in ACTION_STATES}
+    for key in common:
+        transitions[f"{action_state(first[key])}->{action_state(second[key])}"] += 1
+    result["action_transitions"] = transitions
     return result
+
+
+ACTION_STATES = ("right", "wrong", "invalid")
+
+
+def action_state(prediction: Mapping[str, Any]) -> str:
+    """right: the predicted action kind is the gold kind; invalid: no parsable action (malformed
+    tool-call JSON, no action block, ...); wrong: a well-formed action of the other kind."""
+    if prediction["pred_kind"] == prediction["gold_kind"]:
+        return "right"
+    return "invalid" if prediction["pred_kind"] == "invalid" else "wrong"
 
 
 def format_paired_table(pairs: Mapping[str, Mapping[str, Any]], *, title: str | None = None, digits: int = 3) -> str:
     """A Markdown table of paired differences: one row per "after - before" pair, cells "delta +- se"."""
-    header = ["Comparison"] + [label for _, label in PAIRED_COLUMNS] + ["Turns"]
+    header = ["Comparison"] + [label for _, label in PAIRED_COLUMNS] + [
+        "Kind: invalid→right / wrong→right / right→wrong / right→invalid", "Turns"]
     lines = [f"### {title}", ""] if title else []
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "|".join([":---"] + ["---:"] * (len(header) - 1)) + "|")
@@ -307,6 +328,9 @@ def format_paired_table(pairs: Mapping[str, Mapping[str, Any]], *, title: str | 
             value = pair.get(key, {})
             delta, se = value.get("delta"), value.get("se")
             cells.append("-" if delta is None else f"{delta:+.{digits}f} ± {format_value(se, digits)}")
+        moves = pair.get("action_transitions")
+        cells.append(" / ".join(str(moves[key]) for key in ("invalid->right", "wrong->right", "right->wrong",
+                                                             "right->invalid")) if moves else "-")
         cells.append(str(pair.get("turns", 0)))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -27,7 +27,9 @@ Writes into --out:
 
 With two or more checkpoints, results.json ("paired") and results.md also hold each checkpoint's
 difference from the one listed before it, turn by turn on the same turns, for action accuracy,
-R_acc and reward: the mean difference and its paired standard error (`eval.metrics.paired_difference`).
+R_acc and reward: the mean difference and its paired standard error (`eval.metrics.paired_difference`),
+and where the action-accuracy change comes from: turns whose malformed output became a right action
+(invalid->right) versus turns whose well-formed decision changed (wrong->right, right->wrong).
 """
 
 from __future__ import annotations

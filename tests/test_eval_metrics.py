@@ -219,6 +219,30 @@ def test_paired_difference_by_hand():
     assert r_acc["se"] == pytest.approx(math.sqrt(19 / 3 / 3))
     # reward: d = [0, 3, -1] -> mean 2/3
     assert result["reward_mean"]["delta"] == pytest.approx(2 / 3)
+    # a/1 right->right, a/3 wrong->right, b/1 right->wrong; the unpaired turns are not counted.
+    moves = result["action_transitions"]
+    assert {key: count for key, count in moves.items() if count} == {
+        "right->right": 1, "wrong->right": 1, "right->wrong": 1}
+    assert len(moves) == 9 and sum(moves.values()) == result["turns"]
+
+
+def test_paired_difference_tells_format_repairs_from_decision_changes():
+    # invalid->right is a repaired output, wrong->right a changed decision; both raise accuracy alike.
+    before = [_prediction("a", 1, "tool_call", "invalid", -1.0, -0.6),
+              _prediction("a", 2, "answer", "invalid", -1.0, -0.6),
+              _prediction("a", 3, "answer", "tool_call", -1.0, 0.0),
+              _prediction("a", 4, "answer", "answer", 1.5, 2.5),
+              _prediction("a", 5, "tool_call", "tool_call", 1.5, 2.5)]
+    after = [_prediction("a", 1, "tool_call", "tool_call", 1.5, 2.5),
+             _prediction("a", 2, "answer", "tool_call", -1.0, 0.0),
+             _prediction("a", 3, "answer", "answer", 1.5, 2.5),
+             _prediction("a", 4, "answer", "invalid", -1.0, -0.6),
+             _prediction("a", 5, "tool_call", "tool_call", 1.5, 2.5)]
+    moves = paired_difference(before, after)["action_transitions"]
+    assert moves["invalid->right"] == 1 and moves["invalid->wrong"] == 1 and moves["wrong->right"] == 1
+    assert moves["right->invalid"] == 1 and moves["right->right"] == 1
+    assert sum(moves.values()) == 5
+    assert paired_difference(before, after)["action_accuracy"]["delta"] == pytest.approx(1 / 5)
 
 
 def test_paired_difference_skips_nonfinite_and_handles_tiny_inputs():
@@ -246,5 +270,6 @@ def test_format_paired_table():
     text = format_paired_table({"rl - coldstart": paired_difference(before, after)}, title="test")
     lines = text.splitlines()
     assert lines[0] == "### test"
-    assert lines[2].startswith("| Comparison | Action acc. | R_acc | Reward | Turns |")
-    assert lines[4] == "| rl - coldstart | +0.500 ± 0.289 | +0.500 ± 0.000 | +0.500 ± 0.000 | 4 |"
+    assert lines[2] == ("| Comparison | Action acc. | R_acc | Reward | Kind: invalid→right / wrong→right / "
+                        "right→wrong / right→invalid | Turns |")
+    assert lines[4] == "| rl - coldstart | +0.500 ± 0.289 | +0.500 ± 0.000 | +0.500 ± 0.000 | 0 / 2 / 0 / 0 | 4 |"
