@@ -33,6 +33,8 @@ Shared by `grpo`, `sft` and `eval`.  Four things live here:
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,6 +153,19 @@ def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers causal LM inside `model` (a PeftModel's base model keeps its LoRA layers)."""
     get_base_model = getattr(model, "get_base_model", None)
     return get_base_model() if callable(get_base_model) else model
+
+
+def cache_argument(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
+    """The keyword that passes a KV cache to `module.forward`: `cache` in transformers releases
+    that renamed it (5.2x, where `past_key_values` is deprecated and due to go in 5.40), else
+    `past_key_values`."""
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(module_type: type) -> str:
+    parameters = inspect.signature(module_type.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
@@ -646,7 +661,7 @@ def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_ma
     decoder = causal_lm.get_decoder()
     cache = DynamicCache(config=causal_lm.config)
     prompt_hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                            position_ids=position_ids_from_mask(prompt_mask), past_key_values=cache,
+                            position_ids=position_ids_from_mask(prompt_mask), **cache_argument(decoder, cache),
                             use_cache=True).last_hidden_state
     # The last prompt position is a real token (left padding): it predicts completion token 0.
     last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_size, dim=0)  # [B*G, 1, H]

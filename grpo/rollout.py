@@ -58,7 +58,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
-from grpo.policy import causal_lm_of, model_dtype_device, position_ids_from_mask, supports_shared_prefix
+from grpo.policy import (cache_argument, causal_lm_of, model_dtype_device, position_ids_from_mask,
+                         supports_shared_prefix)
 
 SHARED_PREFIX_ATTENTION = "grpo_shared_prefix"
 
@@ -226,7 +227,7 @@ class RepeatedCacheDecoder:
 
         self.cache = DynamicCache(config=self.causal_lm.config)
         logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=position_ids_from_mask(prompt_mask), past_key_values=self.cache,
+                                position_ids=position_ids_from_mask(prompt_mask), **cache_argument(self.causal_lm, self.cache),
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
         self.cache.batch_repeat_interleave(self.group_size)
         num_rows = prompt_ids.shape[0] * self.group_size
@@ -242,7 +243,7 @@ class RepeatedCacheDecoder:
         self.generated += 1
         logits = self.causal_lm(input_ids=tokens.unsqueeze(-1),
                                 attention_mask=self.attention[:, :self.prompt_length + self.generated],
-                                position_ids=self.next_position.unsqueeze(-1), past_key_values=self.cache,
+                                position_ids=self.next_position.unsqueeze(-1), **cache_argument(self.causal_lm, self.cache),
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
@@ -370,7 +371,7 @@ class SharedPrefixDecoder:
 
         cache = DynamicCache(config=self.causal_lm.config)
         logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=position_ids_from_mask(prompt_mask), past_key_values=cache,
+                                position_ids=position_ids_from_mask(prompt_mask), **cache_argument(self.causal_lm, cache),
                                 use_cache=True, logits_to_keep=1).logits[:, -1]
         pad_bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
         pad_bias = pad_bias.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]
@@ -391,7 +392,7 @@ class SharedPrefixDecoder:
             # No attention mask: transformers skips building one for a registered custom attention,
             # and the prompt groups reach the attention function as a keyword argument.
             logits = self.causal_lm(input_ids=tokens.unsqueeze(-1), attention_mask=None,
-                                    position_ids=self.next_position.unsqueeze(-1), past_key_values=self.generated,
+                                    position_ids=self.next_position.unsqueeze(-1), **cache_argument(self.causal_lm, self.generated),
                                     use_cache=True, logits_to_keep=1, prompt_groups=self.groups).logits[:, -1]
         finally:
             config._attn_implementation = previous_attention
