@@ -69,7 +69,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 @dataclasses.dataclass
 class PipelineConfig:
     preset: str = field("default", "stage budgets", choices=tuple(PRESETS))
-    out: str = field("runs/default", "run directory (one sub-directory per stage)")
+    out: str = field("", "run directory, one sub-directory per stage (default: runs/<preset>)")
     seed: int = field(0, "seed of data generation, model initialisation, data order and sampling")
     threads: int = field(0, "CPU threads for torch (0: torch's default)")
     device: str = field("auto", "cpu, cuda or auto")
@@ -88,13 +88,41 @@ def _mark_done(directory: Path, seconds: float, checkpoint: Path | None) -> None
     write_json(directory / "done.json", {"seconds": round(seconds, 1), "checkpoint": str(checkpoint) if checkpoint else None})
 
 
+# The settings that make a run directory's finished stages what this run would compute.
+RECIPE_FIELDS = ("preset", "seed", "similarity")
+
+
+def run_directory(config: PipelineConfig) -> Path:
+    """--out, or runs/<preset> (runs/default, runs/smoke, ...) when it is not given."""
+    return Path(config.out or f"runs/{config.preset}")
+
+
+def check_same_recipe(out: Path, config: PipelineConfig) -> None:
+    """Refuse to reuse the stages of a run directory made with another preset, seed or similarity:
+    a finished stage is reused as it is, so they would silently come from the other recipe."""
+    record = out / "pipeline.json"
+    if not record.is_file():
+        return
+    try:
+        earlier = json.loads(record.read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise SystemExit(f"{record} is unreadable ({error}); give another --out or remove {out}") from None
+    current = config_to_dict(config)
+    differing = [f"--{name} {earlier.get(name)!r} there, {current[name]!r} here" for name in RECIPE_FIELDS
+                 if earlier.get(name) != current[name]]
+    if differing:
+        raise SystemExit(f"{out} holds a pipeline run with other settings ({'; '.join(differing)}); its finished "
+                         f"stages would be reused as they are: give another --out or remove {out}")
+
+
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     from eval.run import EvalConfig, run_eval
     from sft.trainer import SFTConfig, train as sft_train
     from grpo.trainer import GRPOConfig, train as grpo_train
 
     preset = PRESETS[config.preset]
-    out = Path(config.out)
+    out = run_directory(config)
+    check_same_recipe(out, config)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline.json", {"config": config_to_dict(config), "preset": preset})
     # resume=True: a stage interrupted earlier continues from its newest checkpoint.

@@ -65,3 +65,31 @@ def test_rerun_reuses_finished_stages(smoke_run):
     assert result.returncode == 0, result.stderr[-3000:]
     for stage in ("sft-base", "coldstart", "grpo"):
         assert f"[pipeline] {stage}: finished earlier" in result.stdout
+
+
+def test_rerun_with_another_recipe_is_refused(tmp_path):
+    # A finished stage is reused as it is: a run directory made with another seed or preset must
+    # not silently lend its stages to this run.
+    from grpo.pipeline import PipelineConfig, check_same_recipe, run_pipeline
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"config": {"preset": "smoke", "seed": 0, "similarity": "lexical"}}))
+    check_same_recipe(out, PipelineConfig(preset="smoke", seed=0, similarity="lexical", threads=2))  # threads: same recipe
+    with pytest.raises(SystemExit, match=r"--seed 0 there, 1 here"):
+        run_pipeline(PipelineConfig(preset="smoke", seed=1, similarity="lexical", out=str(out)))
+    with pytest.raises(SystemExit, match=r"--preset 'smoke' there, 'default' here.*another --out"):
+        check_same_recipe(out, PipelineConfig(preset="default", seed=0, similarity="lexical"))
+    (out / "pipeline.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="unreadable"):
+        check_same_recipe(out, PipelineConfig(preset="smoke", seed=0, similarity="lexical"))
+    # No record yet: nothing to compare.
+    check_same_recipe(tmp_path / "fresh", PipelineConfig())
+
+
+def test_default_run_directory_follows_the_preset():
+    from grpo.pipeline import PipelineConfig, run_directory
+
+    assert run_directory(PipelineConfig()) == Path("runs/default")
+    assert run_directory(PipelineConfig(preset="smoke")) == Path("runs/smoke")
+    assert run_directory(PipelineConfig(preset="smoke", out="elsewhere/x")) == Path("elsewhere/x")
