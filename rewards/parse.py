@@ -26,16 +26,21 @@ Decisions the DESIGN leaves open (ours):
   in one completion are two blocks: this check fails, and so does the next one.
 * "Nothing but whitespace follows the action block": the first block is closed and after its
   closing tag there is only whitespace or end-of-turn markers (`<|im_end|>`, `<|endoftext|>`), in
-  case the sampler decodes them.  An unclosed block fails this check but is still read.
+  case the sampler decodes them.  An unclosed block fails this check.
+* An unclosed first block is no action: kind `"invalid"` (R_acc = -1), body check failed.  Its end
+  is unknown, so reading "to the end of the text" would score whatever follows.  GRPO exploited
+  that when an unclosed answer still counted: a tiny model that writes reasoning learned to run on
+  after `<answer>` (into more think and tool-call text, until the token limit), and a third of
+  its greedy test answers were such run-ons scored as right answers with their similarity.
 * "The body parses": a tool-call body must be a JSON object (strict JSON: no NaN/Infinity, no
   trailing text) with a string `name` and an object `arguments`.  For an answer the body must be
   non-empty after stripping.  With no action block the check fails.
-* Kind.  `"tool_call"` when the first block is a tool call whose body is a JSON object with a
+* Kind.  `"tool_call"` when the first block is a closed tool call whose body is a JSON object with a
   string `name` and whose `arguments` are an object, missing/null (read as `{}`, for tools
   without parameters) or a JSON string holding an object (OpenAI style); the last two are listed
   as problems and fail the body check.  Any other tool-call body (broken JSON, a list, a
   non-string name, non-object arguments) is `"invalid"`, as is a completion without action block.
-  `"answer"` when the first block is an answer (its stripped text, possibly empty).
+  `"answer"` when the first block is a closed answer (its stripped text, possibly empty).
 * Argument values are compared in canonical JSON (`canonical_json`): key order and whitespace do
   not matter, types do (`"5"` != `5`, `true` != `1`, `null` != missing key), list order matters,
   and `1 == 1.0` (JSON has a single number type; a float with an integral value is an integer).
@@ -120,12 +125,15 @@ def parse(completion: str) -> Parsed:
     if blocks:
         first = blocks[0]
         if not first.closed:
-            problems.append(f"unclosed {TOOL_OPEN if first.kind == 'tool_call' else ANSWER_OPEN} block")
+            tag = TOOL_OPEN if first.kind == "tool_call" else ANSWER_OPEN
+            problems.append(f"unclosed {tag} block (not an action)")
         else:
             clean_end = _is_end_of_turn(text[first.end :])
             if not clean_end:
                 problems.append("text after the action block")
-        if first.kind == "answer":
+        if not first.closed:
+            pass  # kind stays "invalid": an action without its end is not an action
+        elif first.kind == "answer":
             kind, answer = "answer", first.body.strip()
             valid_body = bool(answer)
             if not answer:

@@ -242,10 +242,27 @@ def test_text_between_think_and_action_fails_one_action_check():
     }
 
 
-def test_unclosed_action_block_is_read_but_not_clean():
+def test_unclosed_action_block_is_not_an_action():
     parsed = parse(think(20) + '<tool_call>{"name": "book_flight", "arguments": {}}')
-    assert parsed.kind == "tool_call" and parsed.call == {"name": "book_flight", "arguments": {}}
-    assert parsed.format_checks["clean_end"] is False and parsed.format_checks["one_action"] is True
+    assert parsed.kind == "invalid" and parsed.call is None
+    assert parsed.format_checks == {
+        "think_present": True, "think_first": True, "one_action": True, "clean_end": False, "valid_body": False}
+    assert "unclosed <tool_call> block (not an action)" in parsed.problems
+    result = score(think(20) + '<tool_call>{"name": "book_flight", "arguments": {}}', GOLD_CALL)
+    assert result.components["accuracy"] == -1.0 and result.kind == "invalid"
+
+
+def test_run_on_answer_scores_no_accuracy():
+    # What GRPO learned when an unclosed answer counted: an answer that runs on into more reasoning
+    # and a tool call until the token limit.  It is no answer: R_acc -1, however similar its text.
+    run_on = (think(20) + "<answer>" + GOLD_ANSWER["text"] + " I call get_order.\n</think>\n\n<tool_call>\n"
+              '{"name": "get_order')
+    result = score(run_on, GOLD_ANSWER, similarity=LexicalSimilarity())
+    assert result.kind == "invalid" and result.components["accuracy"] == -1.0
+    assert "similarity" not in result.components and result.success is False
+    closed = score(think(20) + "<answer>" + GOLD_ANSWER["text"] + "</answer>", GOLD_ANSWER,
+                   similarity=LexicalSimilarity())
+    assert closed.kind == "answer" and closed.components["accuracy"] == pytest.approx(2.0)
 
 
 def test_action_tags_inside_reasoning_are_not_actions():
