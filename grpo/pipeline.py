@@ -1,9 +1,9 @@
 """The paper's whole pipeline on the embedded default: what `python -m grpo.train` runs with no
 --init/--model.
 
-    python -m grpo.train                          # preset "default": about 17 minutes on 2 CPU cores
+    python -m grpo.train                          # preset "default": 17-24 minutes on 2 CPU cores
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
-    python -m grpo.train --out runs/seed1 --seed 1
+    python -m grpo.train --out runs/seed1 --seed 1   # --out: default runs/<preset>
 
 Stages, each in its own directory under --out, each reused when a rerun finds it finished:
 
