@@ -661,8 +661,8 @@ def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_ma
     decoder = causal_lm.get_decoder()
     cache = DynamicCache(config=causal_lm.config)
     prompt_hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                            position_ids=position_ids_from_mask(prompt_mask), **cache_argument(decoder, cache),
-                            use_cache=True).last_hidden_state
+                            position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
+                            **cache_argument(decoder, cache)).last_hidden_state
     # The last prompt position is a real token (left padding): it predicts completion token 0.
     last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_size, dim=0)  # [B*G, 1, H]
     rows = num_prompts * group_size

@@ -227,8 +227,9 @@ class RepeatedCacheDecoder:
 
         self.cache = DynamicCache(config=self.causal_lm.config)
         logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=position_ids_from_mask(prompt_mask), **cache_argument(self.causal_lm, self.cache),
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
+                                position_ids=position_ids_from_mask(prompt_mask),
+                                **cache_argument(self.causal_lm, self.cache), use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
         self.cache.batch_repeat_interleave(self.group_size)
         num_rows = prompt_ids.shape[0] * self.group_size
         # Attention over [prompt | generated]; after s generated tokens a step reads P + s columns.
@@ -243,8 +244,9 @@ class RepeatedCacheDecoder:
         self.generated += 1
         logits = self.causal_lm(input_ids=tokens.unsqueeze(-1),
                                 attention_mask=self.attention[:, :self.prompt_length + self.generated],
-                                position_ids=self.next_position.unsqueeze(-1), **cache_argument(self.causal_lm, self.cache),
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
+                                position_ids=self.next_position.unsqueeze(-1),
+                                **cache_argument(self.causal_lm, self.cache), use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
         self.next_position = self.next_position + 1
         return logits
 
@@ -371,8 +373,9 @@ class SharedPrefixDecoder:
 
         cache = DynamicCache(config=self.causal_lm.config)
         logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=position_ids_from_mask(prompt_mask), **cache_argument(self.causal_lm, cache),
-                                use_cache=True, logits_to_keep=1).logits[:, -1]
+                                position_ids=position_ids_from_mask(prompt_mask),
+                                **cache_argument(self.causal_lm, cache), use_cache=True,
+                                logits_to_keep=1).logits[:, -1]
         pad_bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
         pad_bias = pad_bias.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]
         self.groups = _PromptGroups(keys=[layer.keys for layer in cache.layers],
@@ -392,8 +395,9 @@ class SharedPrefixDecoder:
             # No attention mask: transformers skips building one for a registered custom attention,
             # and the prompt groups reach the attention function as a keyword argument.
             logits = self.causal_lm(input_ids=tokens.unsqueeze(-1), attention_mask=None,
-                                    position_ids=self.next_position.unsqueeze(-1), **cache_argument(self.causal_lm, self.generated),
-                                    use_cache=True, logits_to_keep=1, prompt_groups=self.groups).logits[:, -1]
+                                    position_ids=self.next_position.unsqueeze(-1),
+                                    **cache_argument(self.causal_lm, self.generated), use_cache=True,
+                                    logits_to_keep=1, prompt_groups=self.groups).logits[:, -1]
         finally:
             config._attn_implementation = previous_attention
         if self.groups.calls - calls_before != self.num_layers:

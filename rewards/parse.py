@@ -30,8 +30,8 @@ Decisions the DESIGN leaves open (ours):
 * An unclosed first block is no action: kind `"invalid"` (R_acc = -1), body check failed.  Its end
   is unknown, so reading "to the end of the text" would score whatever follows.  GRPO exploited
   that when an unclosed answer still counted: a tiny model that writes reasoning learned to run on
-  after `<answer>` (into more think and tool-call text, until the token limit), and a third of
-  its greedy test answers were such run-ons scored as right answers with their similarity.
+  after `<answer>` (into more think and tool-call text, until the token limit): over a third of
+  its greedy test outputs were such run-ons, scored as right answers with their similarity.
 * "The body parses": a tool-call body must be a JSON object (strict JSON: no NaN/Infinity, no
   trailing text) with a string `name` and an object `arguments`.  For an answer the body must be
   non-empty after stripping.  With no action block the check fails.
@@ -124,21 +124,19 @@ def parse(completion: str) -> Parsed:
     kind, call, answer, valid_body = "invalid", None, None, False
     if blocks:
         first = blocks[0]
-        if not first.closed:
+        if not first.closed:  # kind stays "invalid": an action without its end is no action
             tag = TOOL_OPEN if first.kind == "tool_call" else ANSWER_OPEN
             problems.append(f"unclosed {tag} block (not an action)")
         else:
             clean_end = _is_end_of_turn(text[first.end :])
             if not clean_end:
                 problems.append("text after the action block")
-        if not first.closed:
-            pass  # kind stays "invalid": an action without its end is not an action
-        elif first.kind == "answer":
+        if first.closed and first.kind == "answer":
             kind, answer = "answer", first.body.strip()
             valid_body = bool(answer)
             if not answer:
                 problems.append("empty answer")
-        else:
+        elif first.closed:
             call, call_problems = _read_call(first.body)
             problems.extend(call_problems)
             kind = "tool_call" if call is not None else "invalid"
