@@ -131,16 +131,16 @@ def parse(completion: str) -> Parsed:
             clean_end = _is_end_of_turn(text[first.end :])
             if not clean_end:
                 problems.append("text after the action block")
-        if first.closed and first.kind == "answer":
-            kind, answer = "answer", first.body.strip()
-            valid_body = bool(answer)
-            if not answer:
-                problems.append("empty answer")
-        elif first.closed:
-            call, call_problems = _read_call(first.body)
-            problems.extend(call_problems)
-            kind = "tool_call" if call is not None else "invalid"
-            valid_body = call is not None and not call_problems
+            if first.kind == "answer":
+                kind, answer = "answer", first.body.strip()
+                valid_body = bool(answer)
+                if not answer:
+                    problems.append("empty answer")
+            else:
+                call, call_problems = _read_call(first.body)
+                problems.extend(call_problems)
+                kind = "tool_call" if call is not None else "invalid"
+                valid_body = call is not None and not call_problems
 
     checks = dict(
         zip(FORMAT_CHECKS, (think_present, think_first, one_action, clean_end, valid_body), strict=True)
