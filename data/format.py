@@ -29,6 +29,18 @@ SPECIAL_TOKENS: tuple[str, ...] = (
 )
 
 
+# What the system prompt says about the output format when asked to (`make_samples(...,
+# format_instructions=True)`, the trainers' and eval's --format-prompt).  The paper's prompt
+# template (its Appendix A) is lost from our copy: this text is ours.  It lets an untrained
+# instruct model's zero-shot row measure the model rather than its ignorance of our tags.
+FORMAT_INSTRUCTIONS = (
+    "Output format: first think step by step inside <think>...</think>. Then take exactly one action: "
+    "call one tool as <tool_call>\n{\"name\": \"TOOL_NAME\", \"arguments\": {...}}\n</tool_call> with "
+    "arguments that follow the tool's parameters, or reply to the user as <answer>TEXT</answer>. "
+    "Write nothing after the action."
+)
+
+
 def tool_call_json(name: str, arguments: dict[str, Any]) -> str:
     return json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False)
 

@@ -12,6 +12,7 @@ import math
 import random
 from typing import Iterable
 
+from data.format import FORMAT_INSTRUCTIONS
 from data.types import Conversation, Sample, target_of
 
 
@@ -38,17 +39,22 @@ def conversation_samples(conversation: Conversation, *, only_with_reasoning: boo
 
 def make_samples(
     conversations: Iterable[Conversation], *, only_with_reasoning: bool = False, strip_reasoning: bool = False,
+    format_instructions: bool = False,
 ) -> list[Sample]:
     """Samples of many conversations.
 
     only_with_reasoning: keep only actions that have written reasoning (the cold-start set).
     strip_reasoning: drop the reasoning from every sample (stage-1 SFT renders an empty think block).
+    format_instructions: end each sample's system prompt with `data.format.FORMAT_INSTRUCTIONS`.
     """
     samples = []
     for conversation in conversations:
         for sample in conversation_samples(conversation, only_with_reasoning=only_with_reasoning):
+            # Each Sample is fresh, so changing it leaves the conversation untouched.
             if strip_reasoning:
-                sample.reasoning = None  # a fresh Sample, so the conversation is not touched
+                sample.reasoning = None
+            if format_instructions:
+                sample.system = f"{sample.system}\n\n{FORMAT_INSTRUCTIONS}" if sample.system else FORMAT_INSTRUCTIONS
             samples.append(sample)
     return samples
 

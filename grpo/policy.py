@@ -132,21 +132,17 @@ def model_dtype_device(model: torch.nn.Module) -> tuple[torch.dtype, torch.devic
     return parameter.dtype, parameter.device
 
 
-def default_dtype(device: str | torch.device) -> torch.dtype:
-    """bf16 on accelerators, fp32 on the CPU."""
-    return torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
+def _resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device, hidden_size: int | None) -> torch.dtype:
+    """A torch dtype from a dtype, a name (`grpo.runtime.DTYPES`) or "auto"/None (`grpo.runtime.auto_dtype`)."""
+    from grpo.runtime import DTYPES, auto_dtype
 
-
-def _resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device) -> torch.dtype:
-    if dtype is None:
-        return default_dtype(device)
+    if dtype is None or dtype == "auto":
+        return auto_dtype(device, hidden_size)
     if isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(names)}")
-    return names[dtype]
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {sorted(DTYPES)} or auto")
+    return DTYPES[dtype]
 
 
 def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
@@ -222,7 +218,7 @@ def load_base_model(name_or_path: str, *, dtype: torch.dtype | str | None = None
                     trust_remote_code: bool = False):
     """(model, tokenizer) from a hub name or a local directory; safetensors weights only.
 
-    dtype None: bf16 on an accelerator, fp32 on the CPU.  The tokenizer is read from
+    dtype None or "auto": `grpo.runtime.auto_dtype` for this model.  The tokenizer is read from
     `name_or_path` (or its `tokenizer/` subdirectory when the directory is one of our checkpoints).
     """
     model = load_model_weights(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
@@ -232,10 +228,14 @@ def load_base_model(name_or_path: str, *, dtype: torch.dtype | str | None = None
 def load_model_weights(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
                        trust_remote_code: bool = False):
     """The causal LM alone (see `load_base_model`)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
-    torch_dtype = _resolve_dtype(dtype, device)
     try:
+        hidden_size = None
+        if dtype is None or dtype == "auto":
+            model_config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+            hidden_size = getattr(model_config.get_text_config(), "hidden_size", None)
+        torch_dtype = _resolve_dtype(dtype, device, hidden_size)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True,
         )
@@ -309,12 +309,17 @@ def _finish_policy(model: torch.nn.Module, tokenizer: Any, lineage: dict[str, An
 
 
 def read_lineage(checkpoint: str | Path) -> dict[str, Any]:
-    """`lineage.json` of a checkpoint with every path resolved to an absolute path.
+    """`lineage.json` of a checkpoint with every local path resolved to an absolute path.
 
-    An entry is resolved against the checkpoint directory when that path exists there (entries
-    inside the checkpoint are stored relative to it); otherwise it is kept as written (an absolute
-    path or a hub name).
+    Local entries are stored relative to the checkpoint directory (`save_policy`), so they are
+    resolved against it; absolute entries (written before lineages were relative) are accepted
+    as they are.  An entry that does not exist there is kept as written when it has the form of a
+    hub name (`name` or `org/name`); any other missing entry is a local directory that was moved
+    or deleted, and raises FileNotFoundError naming the lineage file and the missing path (a
+    clearer message than transformers' hub lookup would give for it).
     """
+    import os
+
     checkpoint = Path(checkpoint).resolve()
     lineage_path = checkpoint / LINEAGE_FILE
     if not lineage_path.is_file():
@@ -323,11 +328,28 @@ def read_lineage(checkpoint: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict) or "base" not in raw or not isinstance(raw.get("adapters", []), list):
         raise ValueError(f"{lineage_path} must hold {{'base': str, 'adapters': [str, ...]}}, got {raw!r}")
 
-    def resolve(entry: str) -> str:
-        candidate = checkpoint / entry
-        return str(candidate.resolve()) if not Path(entry).is_absolute() and candidate.exists() else entry
+    def could_be_hub_name(entry: str) -> bool:
+        # Hub ids are `name` or `org/name`; a relative path that leaves the checkpoint starts with
+        # "..", and the directories save_policy writes inside it are named ADAPTER_DIR and MODEL_DIR.
+        parts = entry.split("/")
+        return (len(parts) <= 2 and "\\" not in entry and entry not in (ADAPTER_DIR, MODEL_DIR)
+                and all(part and not part.startswith((".", "-", "~")) for part in parts))
 
-    return {"base": resolve(raw["base"]), "adapters": [resolve(entry) for entry in raw.get("adapters", [])]}
+    def resolve(entry: str, role: str) -> str:
+        candidate = checkpoint / entry  # an absolute entry replaces the checkpoint directory here
+        if candidate.exists():
+            return str(candidate.resolve())
+        if could_be_hub_name(entry):
+            return entry
+        raise FileNotFoundError(
+            f"{lineage_path}: the {role} {entry!r} is missing (looked for {os.path.normpath(candidate)}).  Parents "
+            f"are stored relative to the checkpoint: move a run directory together with the runs its stages "
+            f"started from, or restore the missing directory")
+
+    adapters = raw.get("adapters", [])
+    return {"base": resolve(raw["base"], "base model"),
+            "adapters": [resolve(entry, f"adapter {index} of {len(adapters)}")
+                         for index, entry in enumerate(adapters, start=1)]}
 
 
 def load_policy(*, base: str | None = None, init: str | Path | None = None,
@@ -362,14 +384,23 @@ def load_policy(*, base: str | None = None, init: str | Path | None = None,
 
 
 def _relative_or_absolute(path: str, checkpoint: Path) -> str:
-    """`path` relative to `checkpoint` when it lies inside it; else absolute (or a hub name, unchanged)."""
+    """A lineage entry as `save_policy` stores it: a local path relative to the `checkpoint`
+    directory ("adapter", "../../../coldstart/checkpoints/step-000036/adapter"), a hub name as it is.
+
+    Relative parents keep a chain of stages valid when the run directory holding it is moved or
+    copied as a whole.  Both paths are resolved first, because the ".." of a relative path is
+    followed from the checkpoint's real location.  An absolute path remains only where no relative
+    one exists (another drive on Windows).
+    """
+    import os
+
     candidate = Path(path)
-    if not candidate.exists():
+    if not path or not candidate.exists():
         return path  # a hub name
     candidate = candidate.resolve()
     try:
-        return str(candidate.relative_to(checkpoint))
-    except ValueError:
+        return Path(os.path.relpath(candidate, checkpoint)).as_posix()
+    except ValueError:  # Windows: no relative path between two drives
         return str(candidate)
 
 
@@ -379,6 +410,10 @@ def save_policy(policy: Policy, directory: str | Path) -> None:
     LoRA: `adapter/` is loadable with `PeftModel.from_pretrained(merged_base, directory/"adapter")`,
     and the lineage gains this adapter after its parents.  Full fine-tuning: `model/` is a complete
     model, which becomes the lineage base (no adapters).  Weights are safetensors only.
+
+    Local lineage paths are written relative to `directory` (`_relative_or_absolute`), so a caller
+    that writes into a temporary directory must place it beside the final one (the same parent, as
+    grpo.checkpoint.write_checkpoint does): the rename then leaves every relative path valid.
     """
     directory = Path(directory).resolve()
     directory.mkdir(parents=True, exist_ok=True)

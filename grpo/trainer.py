@@ -55,7 +55,9 @@ from grpo.checkpoint import (
 from grpo.config import check_ranges, config_to_dict, field
 from grpo.distributed import SINGLE, Distributed
 from grpo.loss import policy_loss
-from grpo.policy import LoraSettings, Policy, grouped_token_logprobs, load_policy, reference_mode, token_logprobs
+from grpo.models import SMOLLM2, ModelNotFound, resolve_model
+from grpo.policy import (LoraSettings, Policy, grouped_token_logprobs, load_policy, model_dtype_device, reference_mode,
+                         token_logprobs)
 from grpo.rollout import SamplingConfig, generate
 from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
 
@@ -76,9 +78,9 @@ class GRPOConfig:
     sample_every: int = field(10, "write a few decoded completions every N steps (0: never)")
     resume: bool = field(False, "continue from the newest checkpoint in --out")
     init: str | None = field(None, "start from this SFT checkpoint directory (its lineage is merged)")
-    model: str | None = field(None, "start from a plain model: hub name, local path, or 'tiny'")
+    model: str | None = field(None, "start from a plain model: hub name, folder, .gguf file, 'smollm2' or 'tiny'")
     device: str = field("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPU, fp32 on CPU)")
+    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPUs and fast-bf16 CPUs: runtime.auto_dtype)")
     trust_remote_code: bool = field(False, "allow model repositories to run their own code")
     deterministic: bool = field(False, "torch deterministic algorithms (for exact resume checks)")
     threads: int = field(0, "CPU threads for torch (0: torch's default)")
@@ -87,6 +89,8 @@ class GRPOConfig:
     # --- data ----------------------------------------------------------------------------------
     data: str = field("synthetic:train", "training data: a path or synthetic:<split>")
     data_format: str | None = field(None, "force the data format (default: detected)", choices=("apigen", "tau", "almita"))
+    format_prompt: bool = field(False, "end every system prompt with the output-format instructions "
+                                       "(data.format.FORMAT_INSTRUCTIONS)")
     max_prompt_length: int = field(1024, "prompt token limit; older turns are dropped beyond it")
     # --- policy / LoRA -------------------------------------------------------------------------
     lora: bool = field(True, "train LoRA adapters (--no-lora: full fine-tuning)")
@@ -192,7 +196,7 @@ def build_prompts(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None]
         conversations, stats = load_dataset(config.data, seed=config.seed, format=config.data_format)
     except (DataError, ValueError) as error:
         raise SystemExit(f"--data {config.data}: {error}") from None
-    samples = make_samples(conversations, strip_reasoning=True)
+    samples = make_samples(conversations, strip_reasoning=True, format_instructions=config.format_prompt)
     without_action = sum(not any(turn.is_action for turn in conversation.turns) for conversation in conversations)
     prompts, too_long, shortened = [], 0, 0
     for sample in samples:
@@ -637,8 +641,10 @@ def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype, log
     source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
     try:
         if config.init:
-            return load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device),
-                               trust_remote_code=config.trust_remote_code)
+            policy = load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device),
+                                 trust_remote_code=config.trust_remote_code)
+            log(f"weights in {model_dtype_device(policy.model)[0]} (--dtype {config.dtype})")
+            return policy
         model = config.model or "tiny"
         if model == "tiny":
             from grpo.tiny import prepare_tiny_base
@@ -650,7 +656,20 @@ def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype, log
             base = prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)  # reused as is
             log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
             model = str(base)
-        return load_policy(base=model, lora=lora, dtype=dtype, device=str(device), trust_remote_code=config.trust_remote_code)
+        elif model == SMOLLM2 or model.lower().endswith(".gguf"):
+            # Converted into the run directory, so the run carries its own base (lineage stays valid).
+            directory = Path(config.out) / "base-model"
+            if context.is_main:
+                resolve_model(model, folder=directory)
+            distributed.barrier(context)
+            model = resolve_model(model, folder=directory)  # reused as is
+            log(f"{config.model} converted to a plain model folder at {model}")
+        policy = load_policy(base=model, lora=lora, dtype=dtype, device=str(device),
+                             trust_remote_code=config.trust_remote_code)
+        log(f"weights in {model_dtype_device(policy.model)[0]} (--dtype {config.dtype})")
+        return policy
+    except ModelNotFound as error:  # its message names the flag and the fix
+        raise SystemExit(str(error)) from None
     except (OSError, ValueError) as error:  # a missing or unreadable model or checkpoint
         raise SystemExit(f"{source}: {error}") from None
 

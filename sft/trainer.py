@@ -57,9 +57,9 @@ class SFTConfig:
     log_every: int = field(10, "log metrics every N steps")
     resume: bool = field(False, "continue from the newest checkpoint in --out")
     init: str | None = field(None, "start from this checkpoint (e.g. the base stage's); its lineage is merged")
-    model: str | None = field(None, "start from a plain model: hub name, local path, or 'tiny'")
+    model: str | None = field(None, "start from a plain model: hub name, folder, .gguf file, 'smollm2' or 'tiny'")
     device: str = field("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = field("auto", "float32, bfloat16, float16 or auto")
+    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPUs and fast-bf16 CPUs: runtime.auto_dtype)")
     trust_remote_code: bool = field(False, "allow model repositories to run their own code")
     threads: int = field(0, "CPU threads for torch (0: torch's default)")
     deterministic: bool = field(False, "torch deterministic algorithms (for exact resume checks)")
@@ -68,6 +68,8 @@ class SFTConfig:
     # data
     data: str | None = field(None, "training data: a path or synthetic:<split> (default: by stage)")
     data_format: str | None = field(None, "force the data format (default: detected)", choices=("apigen", "tau", "almita"))
+    format_prompt: bool = field(False, "end every system prompt with the output-format instructions "
+                                       "(data.format.FORMAT_INSTRUCTIONS)")
     val_fraction: float = field(0.05, "share of conversations held out for the validation loss")
     max_length: int = field(1024, "token limit of a rendered sample; older turns are dropped beyond it")
     max_samples: int = field(0, "use at most this many training samples (0: all)")
@@ -173,7 +175,8 @@ def prepare_data(config: SFTConfig, tokenizer: Any, log: Callable[[str], None] =
     rendered: dict[str, list[Any]] = {}
     stats: dict[str, Any] = {"data": spec, "conversations": len(conversations), "skipped_rows": load_stats.skipped}
     for name in ("train", "validation"):
-        samples = make_samples(splits[name], only_with_reasoning=coldstart, strip_reasoning=not coldstart)
+        samples = make_samples(splits[name], only_with_reasoning=coldstart, strip_reasoning=not coldstart,
+                               format_instructions=config.format_prompt)
         if name == "train" and config.max_samples > 0:
             samples = samples[: config.max_samples]
         kept, too_long, shortened, packed = [], 0, 0, 0

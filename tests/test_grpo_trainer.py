@@ -29,7 +29,7 @@ import torch
 import grpo.train
 import grpo.trainer as trainer
 from grpo.checkpoint import latest_checkpoint
-from grpo.policy import LoraSettings, Policy, load_policy, reference_mode, token_logprobs
+from grpo.policy import LoraSettings, Policy, load_policy, read_lineage, reference_mode, token_logprobs
 from rewards.score import RewardResult
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ def test_cli_three_steps_writes_everything_and_resume_continues(tmp_path, tiny_b
     assert len(saved) == len(loaded) > 0
     for name, tensor in saved.items():
         assert torch.equal(loaded[name.replace(".weight", ".default.weight")], tensor), name
-    assert json.loads((checkpoint / "lineage.json").read_text())["base"] == str(tiny_base.resolve())
+    assert read_lineage(checkpoint)["base"] == str(tiny_base.resolve())
 
     # --resume with a larger budget continues at step 4 (in-process: the same entry point, no startup cost).
     grpo.train.main([*argv, "--max-steps", "5", "--resume"])

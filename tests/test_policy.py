@@ -233,8 +233,10 @@ def test_lora_save_load_round_trip_and_rename(tmp_path, base_dir, word_model, wo
     files = {path.relative_to(final_dir).as_posix() for path in final_dir.rglob("*") if path.is_file()}
     assert "adapter/adapter_model.safetensors" in files and "adapter/adapter_config.json" in files
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
-    assert json.loads((final_dir / "lineage.json").read_text()) == {"base": str(base_dir.resolve()),
-                                                                    "adapters": ["adapter"]}
+    # Parents are stored relative to the checkpoint (here "../../base0"), resolved when read.
+    assert json.loads((final_dir / "lineage.json").read_text()) == {
+        "base": os.path.relpath(base_dir.resolve(), final_dir.resolve()), "adapters": ["adapter"]}
+    assert read_lineage(final_dir)["base"] == str(base_dir.resolve())
     assert read_lineage(final_dir)["adapters"] == [str((final_dir / "adapter").resolve())]
 
     reloaded = load_policy(init=final_dir, lora=SMALL_LORA)
@@ -294,7 +296,7 @@ def test_stage_chaining_merges_parents_and_reference_is_the_merged_start(tmp_pat
     # Stage C starts from B: A then B merged, in order.
     save_policy(stage_b, tmp_path / "b")
     lineage_b = json.loads((tmp_path / "b" / "lineage.json").read_text())
-    assert lineage_b["adapters"] == [str((tmp_path / "a" / "adapter").resolve()), "adapter"]
+    assert lineage_b["adapters"] == ["../a/adapter", "adapter"]
     stage_c = load_policy(init=tmp_path / "b", lora=SMALL_LORA)
     assert stage_c.lineage["adapters"] == [str((tmp_path / "a" / "adapter").resolve()),
                                            str((tmp_path / "b" / "adapter").resolve())]
