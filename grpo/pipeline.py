@@ -176,8 +176,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     began = time.perf_counter()
     if "model" in preset:  # a real pretrained model, converted once into the run directory
-        base_dir = out / "base-model"
-        resolve_model(preset["model"], folder=base_dir)
+        # A GGUF file or short name becomes a folder in the run directory; a folder or a hub name
+        # is used as it is.
+        base_dir = resolve_model(preset["model"], folder=out / "base-model")
         timings["base-model"] = time.perf_counter() - began
     else:
         tiny = preset["tiny"]

@@ -93,3 +93,49 @@ def test_default_run_directory_follows_the_preset():
     assert run_directory(PipelineConfig()) == Path("runs/default")
     assert run_directory(PipelineConfig(preset="smoke")) == Path("runs/smoke")
     assert run_directory(PipelineConfig(preset="smoke", out="elsewhere/x")) == Path("elsewhere/x")
+
+
+def test_a_preset_with_a_real_model_runs_every_stage(tmp_path, monkeypatch, tiny_base, capsys):
+    """The wiring of `--preset smollm2` (a plain model folder as its base instead of a tiny model
+    built from scratch, LoRA SFT, the format instructions in every stage, tau-bench turns
+    evaluated), run in process on the trainer tests' tiny model with budgets of a step or two."""
+    import copy
+
+    import grpo.pipeline as pipeline
+    from data.format import FORMAT_INSTRUCTIONS
+    from tests.test_data_loaders import tau_row
+
+    tau = tmp_path / "tau" / "trajectories.json"
+    tau.parent.mkdir()
+    tau.write_text(json.dumps([tau_row(1.0), tau_row(1.0, task_id=2)]))
+    preset = copy.deepcopy(pipeline.PRESETS["smollm2"])
+    preset["model"] = str(tiny_base)  # resolve_model passes a folder through as it is
+    for stage in ("sft_base", "coldstart", "grpo"):
+        preset[stage].update(max_steps=1, save_every=0)
+    preset["sft_base"].update(micro_batch=2, lr=1e-3)
+    preset["grpo"].update(prompts_per_step=1, rollout_batch_prompts=1, group_size=2, max_new_tokens=8)
+    for stage in ("eval", "eval_tau"):
+        preset[stage].update(limit=2, max_new_tokens=8)
+    monkeypatch.setitem(pipeline.PRESETS, "smollm2", preset)
+    monkeypatch.setattr(pipeline, "TAU_AIRLINE", tau)
+
+    out = tmp_path / "run"
+    summary = pipeline.run_pipeline(pipeline.PipelineConfig(preset="smollm2", out=str(out), similarity="lexical",
+                                                            threads=1))
+    assert summary["checkpoints"]["untrained"] == str(tiny_base) and not (out / "base-tiny").exists()
+    assert json.loads((out / "sft-base" / "config.json").read_text())["lora"] is True
+    for stage in ("sft-base", "coldstart", "grpo"):
+        assert json.loads((out / stage / "config.json").read_text())["format_prompt"] is True, stage
+    from grpo.trainer import trained_samples
+
+    assert all(sample.system.endswith(FORMAT_INSTRUCTIONS) for sample in trained_samples(out / "grpo"))
+    tau_results = json.loads((out / "eval-tau" / "results.json").read_text())
+    assert set(tau_results["results"]["tau-airline"]) == set(CHECKPOINTS)
+    assert tau_results["config"]["format_prompt"] is True
+    assert {"base-model", "eval-tau"} <= set(summary["timings_s"])
+
+    # Without the shared folder, the tau-bench evaluation is skipped with a printed reason.
+    monkeypatch.setattr(pipeline, "TAU_AIRLINE", tmp_path / "absent.json")
+    capsys.readouterr()
+    pipeline.run_pipeline(pipeline.PipelineConfig(preset="smollm2", out=str(out), similarity="lexical", threads=1))
+    assert "tau-bench airline evaluation skipped" in capsys.readouterr().out
