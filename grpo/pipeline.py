@@ -3,7 +3,7 @@
 
     python -m grpo.train                          # preset "default": 17-24 minutes on 2 CPU cores
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
-    python -m grpo.train --preset smollm2         # a real model: SmolLM2-135M-Instruct, LoRA in every stage
+    python -m grpo.train --preset smollm2         # a real model, SmolLM2-135M-Instruct: 60 minutes on 2 CPU cores
     python -m grpo.train --out runs/seed1 --seed 1   # --out: default runs/<preset>
 
 Stages, each in its own directory under --out, each reused when a rerun finds it finished:
