@@ -472,13 +472,19 @@ def history_text(turn: Turn) -> str:
     return turn.content  # user text, tool result, answer text
 
 
-def test_template_support_of_the_three_tokenizers(qwen3, smollm2_tokenizer, tiny_tokenizer, fresh_support_cache):
-    """The probe sees that Qwen3's template shows everything, SmolLM2's drops tools and tool calls,
-    and a tokenizer without a template shows nothing."""
+def test_template_support_of_qwen3(qwen3, fresh_support_cache):
+    """The probe sees that Qwen3's template shows tools, tool calls and tool results."""
     from data.render import TemplateSupport, template_support
 
     assert template_support(qwen3) == TemplateSupport(tools=True, tool_calls=True, tool_results=True)
     assert template_support(qwen3).complete
+
+
+def test_template_support_of_smollm2_and_of_no_template(smollm2_tokenizer, tiny_tokenizer, fresh_support_cache):
+    """The probe sees that SmolLM2's template drops tools and tool calls, and that a tokenizer
+    without a template shows nothing."""
+    from data.render import TemplateSupport, template_support
+
     smollm2 = template_support(smollm2_tokenizer)
     assert (smollm2.tools, smollm2.tool_calls) == (False, False) and not smollm2.complete
     assert template_support(tiny_tokenizer) == TemplateSupport(False, False, False)
