@@ -394,10 +394,10 @@ def resolve_model_path(path: str) -> tuple[str, str]:
     `.gguf` file or `smollm2` is converted to a plain model folder (grpo.models.resolve_model).
     """
     from grpo.checkpoint import latest_checkpoint
-    from grpo.models import resolve_model
+    from grpo.models import needs_conversion, resolve_model
     from grpo.policy import LINEAGE_FILE
 
-    if path == "smollm2" or path.lower().endswith(".gguf"):  # converted once into a plain folder
+    if needs_conversion(path):  # converted once into a plain folder
         return "base", resolve_model(path)
     location = Path(path).expanduser()
     if (location / LINEAGE_FILE).is_file():

@@ -36,9 +36,10 @@ from typing import Any
 import torch
 
 from grpo.config import field, parse_config
+from grpo.runtime import DTYPES
 
 EXPORT_RECORD = "export.json"
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+SAVED_DTYPES = ("float32", "bfloat16")  # names in grpo.runtime.DTYPES
 
 
 @dataclasses.dataclass
@@ -49,7 +50,7 @@ class ExportConfig:
                                 "checkpoint); may also be given first, without the flag")
     out: str = field("", "the folder to write; it must not exist yet or be empty")
     dtype: str = field("auto", "dtype of the saved weights (auto: the dtype recorded by the base model's config)",
-                       choices=("auto", "float32", "bfloat16"))
+                       choices=("auto", *SAVED_DTYPES))
     trust_remote_code: bool = field(False, "allow a base model that needs its own code (its files are saved too)")
 
     def __post_init__(self) -> None:
@@ -121,8 +122,8 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: str = "
     model folder `out`; returns `out`.  SystemExit with the reason when either path is unusable."""
     from grpo.policy import LINEAGE_FILE, load_policy, read_lineage
 
-    if dtype != "auto" and dtype not in DTYPES:
-        raise SystemExit(f"--dtype {dtype!r}: expected auto or one of {sorted(DTYPES)}")
+    if dtype != "auto" and dtype not in SAVED_DTYPES:
+        raise SystemExit(f"--dtype {dtype!r}: expected auto or one of {list(SAVED_DTYPES)}")
     source = resolve_checkpoint(checkpoint).resolve()
     out = Path(out).expanduser().resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

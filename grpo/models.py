@@ -102,15 +102,17 @@ def convert_gguf(gguf: str | Path, out: str | Path) -> Path:
     return out
 
 
+def needs_conversion(name: str) -> bool:
+    """True for the names `resolve_model` turns into a folder of its own: `smollm2` and `.gguf` files."""
+    return name == SMOLLM2 or name.lower().endswith(".gguf")
+
+
 def resolve_model(name: str, *, folder: str | Path | None = None) -> str:
     """A name or path that `from_pretrained` loads: GGUF files and `smollm2` are converted into
     `folder` (default: a folder named after the file under `default_cache_dir()`); a hub name or a
     plain folder is returned as given."""
-    if name == SMOLLM2:
-        gguf = smollm2_gguf()
-    elif name.lower().endswith(".gguf"):
-        gguf = Path(name)
-    else:
+    if not needs_conversion(name):
         return name
+    gguf = smollm2_gguf() if name == SMOLLM2 else Path(name)
     target = Path(folder) if folder is not None else default_cache_dir() / gguf.name[: -len(".gguf")]
     return str(convert_gguf(gguf, target))

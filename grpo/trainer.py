@@ -55,7 +55,7 @@ from grpo.checkpoint import (
 from grpo.config import check_ranges, config_to_dict, field
 from grpo.distributed import SINGLE, Distributed
 from grpo.loss import policy_loss
-from grpo.models import SMOLLM2, ModelNotFound, resolve_model
+from grpo.models import ModelNotFound, needs_conversion, resolve_model
 from grpo.policy import (LoraSettings, Policy, grouped_token_logprobs, load_policy, model_dtype_device, reference_mode,
                          token_logprobs)
 from grpo.rollout import SamplingConfig, generate
@@ -627,7 +627,33 @@ def make_reward_fn(config: GRPOConfig) -> Callable[[list[str], list[dict]], list
     return reward_fn
 
 
-def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype, log: Callable[[str], None],
+def plain_model(config: Any, context: Distributed, log: Callable[[str], None]) -> str:
+    """What --model names, as `from_pretrained` loads it: `tiny` is built once and `smollm2` or a
+    `.gguf` file converted once into the run directory (by rank 0), so the run carries its own
+    base and its lineage stays valid; a hub name or a folder is used as it is."""
+    model = config.model or "tiny"
+    if model == "tiny":
+        from grpo.tiny import prepare_tiny_base
+
+        directory = Path(config.out) / "base-tiny"
+        if context.is_main:  # other ranks must not write into the run directory
+            prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)
+        distributed.barrier(context)
+        base = prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)  # reused as is
+        log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
+        return str(base)
+    if needs_conversion(model):
+        directory = Path(config.out) / "base-model"
+        if context.is_main:
+            resolve_model(model, folder=directory)
+        distributed.barrier(context)
+        converted = resolve_model(model, folder=directory)  # reused as is
+        log(f"{model} converted to a plain model folder at {converted}")
+        return converted
+    return model
+
+
+def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype | str, log: Callable[[str], None],
                       context: Distributed = SINGLE) -> Policy:
     """A stage's starting point (GRPO and SFT): --init (a checkpoint, lineage merged) or --model,
     with a fresh LoRA adapter unless --no-lora.  `--model tiny` is built once, by rank 0.
@@ -640,31 +666,8 @@ def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype, log
         raise SystemExit("give either --init (a checkpoint) or --model (a plain model), not both")
     source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
     try:
-        if config.init:
-            policy = load_policy(init=config.init, lora=lora, dtype=dtype, device=str(device),
-                                 trust_remote_code=config.trust_remote_code)
-            log(f"weights in {model_dtype_device(policy.model)[0]} (--dtype {config.dtype})")
-            return policy
-        model = config.model or "tiny"
-        if model == "tiny":
-            from grpo.tiny import prepare_tiny_base
-
-            directory = Path(config.out) / "base-tiny"
-            if context.is_main:  # other ranks must not write into the run directory
-                prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)
-            distributed.barrier(context)
-            base = prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)  # reused as is
-            log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
-            model = str(base)
-        elif model == SMOLLM2 or model.lower().endswith(".gguf"):
-            # Converted into the run directory, so the run carries its own base (lineage stays valid).
-            directory = Path(config.out) / "base-model"
-            if context.is_main:
-                resolve_model(model, folder=directory)
-            distributed.barrier(context)
-            model = resolve_model(model, folder=directory)  # reused as is
-            log(f"{config.model} converted to a plain model folder at {model}")
-        policy = load_policy(base=model, lora=lora, dtype=dtype, device=str(device),
+        start = {"init": config.init} if config.init else {"base": plain_model(config, context, log)}
+        policy = load_policy(**start, lora=lora, dtype=dtype, device=str(device),
                              trust_remote_code=config.trust_remote_code)
         log(f"weights in {model_dtype_device(policy.model)[0]} (--dtype {config.dtype})")
         return policy
@@ -684,7 +687,7 @@ class RunStart:
     start_step: int
     logger: RunLogger
     log: Callable[[str], None]  # prints and writes log.txt on rank 0; silent elsewhere
-    dtype: torch.dtype
+    dtype: torch.dtype | str  # "auto": decided per model when it loads (grpo.runtime.auto_dtype)
 
 
 def open_run(config: Any, context: Distributed, device: torch.device) -> RunStart:
