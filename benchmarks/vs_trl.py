@@ -3,14 +3,21 @@
     pip install -e ".[bench]"               # trl==1.16.0; the package itself never imports trl
     python benchmarks/vs_trl.py             # 2 warm-up + 10 measured steps each (5-10 minutes, idle box)
     python benchmarks/vs_trl.py --quick     # 1 warm-up + 3 measured steps, shorter side measurements
+    python benchmarks/vs_trl.py --model smollm2 --dtype float32 --steps 2 --warmup 1 --repeats 1
+                                            # the real model (SmolLM2-135M-Instruct), 4 prompts per step
 
 The work (identical on both sides):
-- Model: Qwen3 architecture, hidden 256, 4 layers, 8 heads, 4 KV heads, intermediate 768, the
-  project's tokenizer (BPE trained on the synthetic training split, 4096 tokens), random weights
-  built once and saved as a Hugging Face directory that both sides load.  LoRA r=16, alpha=32 on
-  q,k,v,o,gate,up,down, fp32, 2 CPU threads per side.
+- Model (`--model tiny`, the default): Qwen3 architecture, hidden 256, 4 layers, 8 heads, 4 KV
+  heads, intermediate 768, the project's tokenizer (BPE trained on the synthetic training split,
+  4096 tokens), random weights built once and saved as a Hugging Face directory that both sides
+  load.  `--model smollm2` (or a folder, a hub name, a .gguf file: what `grpo.train --model`
+  takes) uses that real model and its own tokenizer and chat template instead, converted once
+  into the work directory.  LoRA r=16, alpha=32 on q,k,v,o,gate,up,down, 2 CPU threads per side.
+  Precision: `--dtype` (float32 by default) on both sides; with bfloat16, TRL runs with `bf16=True`
+  and the model loaded in bf16, ours with bf16 base weights and fp32 LoRA (as in training).
 - Data: prompts rendered from the synthetic *test* split (multi-turn, several hundred tokens),
-  the same two prompts per step on both sides, G = 8 completions each, exactly 64 new tokens per
+  the same prompts per step on both sides (2 per step for tiny, 4 for a real model:
+  `--prompts-per-step`), G = 8 completions each, exactly 64 new tokens per
   completion (stop tokens banned until 64: `min_new_tokens` here, `generation_kwargs=
   {"min_new_tokens": 64}` in TRL), temperature 1, no top-k/top-p, beta 0 (no reference pass),
   one iteration (mu = 1), loss "dapo" (TRL's default), group-scaled advantages, eps 0.2, AdamW,
@@ -30,7 +37,13 @@ Logging is outside the timed region on both sides.  Reported: the median over th
 steps.  Then a third subprocess measures (a) rollout tokens/s of `grpo.rollout.generate` against
 transformers' `generate` on the same LoRA model and the same 16 rows, and (b) the training
 forward + backward (`policy_update`) with and without prefix sharing, with the number of token
-positions the decoder processes in each.
+positions the decoder processes in each (a real model: with sharing only, since the unshared
+update is what TRL's side already measures), and (c) the FLOP rate of that forward + backward as
+a share of this machine's matmul peak in the same precision, measured in the same process with a
+2048 x 2048 x 2048 matmul.  The training FLOPs are counted as 4 x (decoder linear weights) per
+token position (forward 2, input gradient 2; frozen base weights need no weight gradient; LoRA
+and attention scores are left out, so the share is a lower bound) plus 4 x vocabulary x hidden
+per completion token (the output head).
 
 The table goes to stdout, the raw numbers to `<workdir>/results.json`; the last line is
 `speedup (TRL step time / our step time): X.XX`.
@@ -54,7 +67,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 GROUP_SIZE = 8
-PROMPTS_PER_STEP = 2
 NEW_TOKENS = 64
 LOSS_TYPE = "dapo"
 LEARNING_RATE = 1e-5
@@ -67,8 +79,25 @@ MARK = "@@bench "  # prefix of the lines a worker sends to the parent (libraries
 # ---------------------------------------------------------------------------------------------
 
 
-def prepare_assets(workdir: Path, num_prompts: int, seed: int = 0) -> dict[str, Any]:
-    """Build (or reuse) the random-weight model and pick `num_prompts` test prompts.
+def prepare_model(workdir: Path, model: str, seed: int = 0) -> str:
+    """The model folder both sides load: the random-weight tiny Qwen3 (`tiny`), or a real model
+    resolved as `grpo.train --model` resolves it (`smollm2` and .gguf files converted once)."""
+    if model == "tiny":
+        from grpo.policy import TinyModelConfig
+        from grpo.tiny import prepare_tiny_base
+
+        model_config = TinyModelConfig(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
+                                       intermediate_size=768)
+        return str(prepare_tiny_base(workdir / "model", seed=seed, vocab_size=4096, model_config=model_config))
+    from grpo.models import needs_conversion, resolve_model
+
+    folder = workdir / ("model-" + Path(model).name.removesuffix(".gguf")) if needs_conversion(model) else None
+    return resolve_model(model, folder=folder)
+
+
+def prepare_assets(workdir: Path, num_prompts: int, *, model: str = "tiny", dtype: str = "float32",
+                   prompts_per_step: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Build (or reuse) the model and pick `num_prompts` test prompts.
 
     A prompt is kept only if tokenizing its text (as TRL does) gives back exactly its ids.
     """
@@ -76,12 +105,9 @@ def prepare_assets(workdir: Path, num_prompts: int, seed: int = 0) -> dict[str, 
 
     from data import load_dataset, make_samples
     from data.render import render_prompt
-    from grpo.policy import TinyModelConfig, load_tokenizer
-    from grpo.tiny import prepare_tiny_base
+    from grpo.policy import load_tokenizer
 
-    model_config = TinyModelConfig(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
-                                   intermediate_size=768)
-    base = prepare_tiny_base(workdir / "model", seed=seed, vocab_size=4096, model_config=model_config)
+    base = prepare_model(workdir, model, seed=seed)
     tokenizer = load_tokenizer(base)
     conversations, _ = load_dataset("synthetic:test", seed=seed)
     samples = make_samples(conversations, strip_reasoning=True)
@@ -94,7 +120,8 @@ def prepare_assets(workdir: Path, num_prompts: int, seed: int = 0) -> dict[str, 
             prompts.append({"ids": ids, "text": text})
         if len(prompts) == num_prompts:
             break
-    assets = {"model": str(base), "prompts": prompts}
+    assets = {"model": str(base), "model_name": model, "dtype": dtype, "prompts_per_step": prompts_per_step,
+              "prompts": prompts}
     (workdir / "assets.json").write_text(json.dumps(assets))
     return assets
 
@@ -134,13 +161,13 @@ def current_rss_mib() -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def our_config(**overrides: Any):
+def our_config(prompts_per_step: int, **overrides: Any):
     from grpo.trainer import GRPOConfig
 
-    settings = dict(group_size=GROUP_SIZE, prompts_per_step=PROMPTS_PER_STEP, rollout_batch_prompts=PROMPTS_PER_STEP,
+    settings = dict(group_size=GROUP_SIZE, prompts_per_step=prompts_per_step, rollout_batch_prompts=prompts_per_step,
                     max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0, top_k=0,
                     beta=0.0, mu=1, loss_type=LOSS_TYPE, scale_rewards="group", epsilon_low=0.2,
-                    train_micro_batch=GROUP_SIZE * PROMPTS_PER_STEP, lr=LEARNING_RATE, max_grad_norm=1.0,
+                    train_micro_batch=GROUP_SIZE * prompts_per_step, lr=LEARNING_RATE, max_grad_norm=1.0,
                     weight_decay=0.0, share_prefix=True)
     settings.update(overrides)
     return GRPOConfig(**settings)
@@ -150,7 +177,7 @@ def load_our_policy(assets: dict[str, Any]):
     from grpo.policy import LoraSettings, load_policy
 
     return load_policy(base=assets["model"], lora=LoraSettings(r=16, alpha=32, target_modules=LORA_TARGETS),
-                       dtype="float32", device="cpu")
+                       dtype=assets.get("dtype", "float32"), device="cpu")
 
 
 def our_reward_fn(texts: list[str], targets: list[Any]) -> list[Any]:
@@ -172,7 +199,8 @@ def run_ours(assets: dict[str, Any]) -> None:
     from grpo.trainer import policy_update, rollout_and_score
 
     policy = load_our_policy(assets)
-    config = our_config()
+    per_step = assets.get("prompts_per_step", 2)
+    config = our_config(per_step)
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     prompts = our_prompts(assets)
@@ -180,7 +208,7 @@ def run_ours(assets: dict[str, Any]) -> None:
     step = 0
     while wait_for_turn():
         began = time.perf_counter()
-        step_prompts = prompts[step * PROMPTS_PER_STEP:(step + 1) * PROMPTS_PER_STEP]
+        step_prompts = prompts[step * per_step:(step + 1) * per_step]
         batches, _, rollout_metrics, _ = rollout_and_score(policy, step_prompts, config, step=step,
                                                            reward_fn=our_reward_fn, device=torch.device("cpu"))
         scored = time.perf_counter()
@@ -203,7 +231,9 @@ def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path) -> None:
     from grpo.policy import load_tokenizer
 
     tokenizer = load_tokenizer(assets["model"])
-    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.float32)
+    bf16 = assets.get("dtype", "float32") == "bfloat16"
+    per_step = assets.get("prompts_per_step", 2)
+    model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
     dataset = Dataset.from_list([{"prompt": prompt["text"]} for prompt in assets["prompts"]])
 
     def reward(completions: list[str], **kwargs: Any) -> list[float]:
@@ -224,12 +254,12 @@ def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path) -> None:
 
     turns = TakeTurns()
     config = GRPOConfig(
-        output_dir=str(workdir / "trl-out"), per_device_train_batch_size=GROUP_SIZE * PROMPTS_PER_STEP,
+        output_dir=str(workdir / "trl-out"), per_device_train_batch_size=GROUP_SIZE * per_step,
         gradient_accumulation_steps=1, num_generations=GROUP_SIZE, max_completion_length=NEW_TOKENS,
         generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0, top_p=1.0, top_k=0,
         beta=0.0, num_iterations=1, loss_type=LOSS_TYPE, scale_rewards="group", epsilon=0.2,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-        max_steps=total_steps, shuffle_dataset=False, gradient_checkpointing=False, bf16=False, fp16=False,
+        max_steps=total_steps, shuffle_dataset=False, gradient_checkpointing=False, bf16=bf16, fp16=False,
         use_cpu=True, logging_steps=10_000, report_to="none", save_strategy="no", disable_tqdm=True, seed=0,
         dataloader_num_workers=0, log_completions=False,
     )
@@ -265,7 +295,9 @@ def run_side_measurements(assets: dict[str, Any], repeats: int) -> None:
 
     policy = load_our_policy(assets)
     tokenizer = policy.tokenizer
-    prompts = [prompt["ids"] for prompt in assets["prompts"][:PROMPTS_PER_STEP]]
+    per_step = assets.get("prompts_per_step", 2)
+    tiny = assets.get("model_name", "tiny") == "tiny"
+    prompts = [prompt["ids"] for prompt in assets["prompts"][:per_step]]
     stops = stop_token_ids(tokenizer)
     rows = len(prompts) * GROUP_SIZE
     results: dict[str, Any] = {"rows": rows, "new_tokens": NEW_TOKENS,
@@ -301,6 +333,8 @@ def run_side_measurements(assets: dict[str, Any], repeats: int) -> None:
         "ours, prompt cache repeated (no shared-prefix attention)": lambda: ours(share_prefix=False),
         "transformers generate": transformers_generate,
     }
+    if not tiny:  # a real model's variants take minutes each: ours against generate only
+        variants = {name: variants[name] for name in ("ours", "transformers generate")}
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, run in variants.items():  # warm-up
         run()
@@ -311,14 +345,15 @@ def run_side_measurements(assets: dict[str, Any], repeats: int) -> None:
                                        for name, values in times.items()}
 
     # Training forward + backward of one step's completions, shared vs unshared.
-    config = our_config()
-    step_prompts = our_prompts(assets)[:PROMPTS_PER_STEP]
+    config = our_config(per_step)
+    step_prompts = our_prompts(assets)[:per_step]
     batches, _, _, _ = rollout_and_score(policy, step_prompts, config, step=0, reward_fn=our_reward_fn,
                                          device=torch.device("cpu"))
     positions: dict[bool, int] = {}
-    update_times: dict[bool, list[float]] = {True: [], False: []}
+    sharing = (True, False) if tiny else (True,)
+    update_times: dict[bool, list[float]] = {share: [] for share in sharing}
     for round_index in range(repeats + 1):
-        for share_prefix in (True, False):
+        for share_prefix in sharing:
             model = copy.deepcopy(policy.model)
             trial = dataclasses.replace(policy, model=model)
             optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr)
@@ -332,10 +367,47 @@ def run_side_measurements(assets: dict[str, Any], repeats: int) -> None:
             positions[share_prefix] = sum(seen)
             if round_index:  # the first round warms up
                 update_times[share_prefix].append(elapsed)
-    results["train_forward_positions"] = {"shared": positions[True], "unshared": positions[False]}
-    results["train_update_s"] = {"shared": statistics.median(update_times[True]),
-                                 "unshared": statistics.median(update_times[False])}
+    names = {True: "shared", False: "unshared"}
+    results["train_forward_positions"] = {names[share]: positions[share] for share in sharing}
+    results["train_update_s"] = {names[share]: statistics.median(update_times[share]) for share in sharing}
+    completion_tokens = sum(int(batch.completion_mask.sum()) for batch in batches)
+    flops = training_flops(policy.model, positions[True], completion_tokens)
+    peak = matmul_peak_flops(assets.get("dtype", "float32"))
+    results["train_flops"] = flops
+    results["train_flops_per_s"] = flops / results["train_update_s"]["shared"]
+    results["matmul_peak_flops_per_s"] = peak
+    results["train_share_of_peak"] = results["train_flops_per_s"] / peak
     send("side", **results)
+
+
+def training_flops(model: Any, positions: int, completion_tokens: int) -> float:
+    """Forward + input-gradient backward FLOPs of a LoRA update: 4 x (decoder linear weights) per
+    token position, plus 4 x vocab x hidden per completion token for the output head.  LoRA's own
+    matmuls and the attention scores are left out (a lower bound)."""
+    import torch
+
+    from grpo.policy import causal_lm_of
+
+    causal_lm = causal_lm_of(model)
+    decoder_weights = sum(module.weight.numel() for name, module in causal_lm.get_decoder().named_modules()
+                          if isinstance(module, torch.nn.Linear) and "lora_" not in name)
+    head = causal_lm.get_output_embeddings().weight.numel()
+    return 4.0 * decoder_weights * positions + 4.0 * head * completion_tokens
+
+
+def matmul_peak_flops(dtype: str, size: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of the best of `repeats` size^3 matmuls in `dtype` (this process's threads)."""
+    import torch
+
+    kind = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype, torch.float32)
+    a, b = torch.randn(size, size, dtype=kind), torch.randn(size, size, dtype=kind)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - began)
+    return 2.0 * size ** 3 / best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,8 +467,10 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     total_steps = args.warmup + args.steps
-    assets = prepare_assets(workdir, num_prompts=total_steps * PROMPTS_PER_STEP)
-    if len(assets["prompts"]) < total_steps * PROMPTS_PER_STEP:
+    per_step = args.prompts_per_step or (2 if args.model == "tiny" else 4)
+    assets = prepare_assets(workdir, num_prompts=total_steps * per_step, model=args.model, dtype=args.dtype,
+                            prompts_per_step=per_step)
+    if len(assets["prompts"]) < total_steps * per_step:
         raise SystemExit(f"only {len(assets['prompts'])} usable prompts for {total_steps} steps")
     load_at_start = os.getloadavg()
     env = worker_env(args.threads)
@@ -431,7 +505,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "command": " ".join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "threads": args.threads, "omp_wait_policy": env["OMP_WAIT_POLICY"], "warmup_steps": args.warmup,
-        "measured_steps": args.steps,
+        "measured_steps": args.steps, "model": args.model, "dtype": args.dtype, "prompts_per_step": per_step,
         "prompt_tokens": [len(prompt["ids"]) for prompt in assets["prompts"]],
         "step_s": {name: statistics.median(r["seconds"] for r in records) for name, records in measured.items()},
         "rollout_s": {name: statistics.median(r["rollout_s"] for r in records) for name, records in measured.items()},
@@ -448,7 +522,8 @@ def print_report(summary: dict[str, Any]) -> None:
     step, rollout, train = summary["step_s"], summary["rollout_s"], summary["train_s"]
     peak, setup, side = summary["peak_rss_mib"], summary["setup_rss_mib"], summary["side"]
     prompt_tokens = summary["prompt_tokens"]
-    print(f"\nGRPO step: {PROMPTS_PER_STEP} prompts x G={GROUP_SIZE} x {NEW_TOKENS} new tokens, prompts of "
+    print(f"\nModel {summary.get('model', 'tiny')}, {summary.get('dtype', 'float32')}")
+    print(f"GRPO step: {summary.get('prompts_per_step', 2)} prompts x G={GROUP_SIZE} x {NEW_TOKENS} new tokens, prompts of "
           f"{min(prompt_tokens)}-{max(prompt_tokens)} tokens (median {statistics.median(prompt_tokens):.0f}); "
           f"{summary['threads']} threads (OMP_WAIT_POLICY={summary['omp_wait_policy']}); "
           f"median of {summary['measured_steps']} steps after "
@@ -465,8 +540,14 @@ def print_report(summary: dict[str, Any]) -> None:
         print(f"  {name:58}{rate:9.0f} tokens/s")
     positions, update = side["train_forward_positions"], side["train_update_s"]
     print("\nTraining forward + backward of one step (policy_update):")
-    print(f"  {'with prefix sharing':24}{positions['shared']:8d} token positions  {update['shared']:6.2f} s")
-    print(f"  {'without':24}{positions['unshared']:8d} token positions  {update['unshared']:6.2f} s")
+    for key, label in (("shared", "with prefix sharing"), ("unshared", "without")):
+        if key in positions:
+            print(f"  {label:24}{positions[key]:8d} token positions  {update[key]:6.2f} s  "
+                  f"({positions[key] / update[key]:.0f} positions/s)")
+    if "train_share_of_peak" in side:
+        print(f"  training FLOP rate {side['train_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+              f"{100 * side['train_share_of_peak']:.0f}% of this machine's {summary.get('dtype', 'float32')} matmul peak "
+              f"({side['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, 2048^3 matmul, same process)")
     load = summary["load_average"]
     print(f"\nmachine load average (1 min) at start / end: {load['start'][0]:.1f} / {load['end'][0]:.1f} "
           f"on {os.cpu_count()} cores")
@@ -481,9 +562,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=2, help="warm-up steps per side (not measured)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats of the side measurements")
     parser.add_argument("--threads", type=int, default=2, help="torch threads per side")
-    parser.add_argument("--workdir", default=str(REPO / "runs" / "bench-vs-trl"), help="model, prompts, logs, results")
+    parser.add_argument("--model", default="tiny",
+                        help="tiny (random-weight 4M Qwen3), smollm2, a folder, a hub name or a .gguf file")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                        help="precision of both sides (bf16: base weights; LoRA and the loss stay fp32 here)")
+    parser.add_argument("--prompts-per-step", type=int, default=0, help="prompts per step (0: 2 for tiny, 4 otherwise)")
+    parser.add_argument("--workdir", default=None,
+                        help="model, prompts, logs, results (default runs/bench-vs-trl, or runs/bench-vs-trl-MODEL-DTYPE)")
     parser.add_argument("--worker", choices=("ours", "trl", "side"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.workdir is None:
+        suffix = "" if args.model == "tiny" and args.dtype == "float32" else \
+            f"-{Path(args.model).name.removesuffix('.gguf')}-{args.dtype}"
+        args.workdir = str(REPO / "runs" / f"bench-vs-trl{suffix}")
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 2
     if args.worker is None:

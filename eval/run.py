@@ -236,16 +236,30 @@ class PromptJob:
     dropped_turns: int
 
 
-def length_sorted_batches(jobs: Sequence[PromptJob], batch_size: int) -> list[list[PromptJob]]:
-    """Batches of prompts of similar length (longest first, so memory problems show up at once).
+PREFIX_KEY_TOKENS = 64  # prompts whose first 64 tokens agree (one domain's system prompt) are batched together
 
-    Left padding costs compute proportional to the length spread inside a batch; sorting keeps
-    the spread small.  Every job appears in exactly one batch.
+
+def length_sorted_batches(jobs: Sequence[PromptJob], batch_size: int) -> list[list[PromptJob]]:
+    """Batches of prompts that start alike and have similar lengths.
+
+    Prompts are grouped by their first PREFIX_KEY_TOKENS tokens (one domain's system prompt and
+    tools; shorter prompts form one group), so a batch's common first tokens are prefilled once (`grpo.rollout`); inside a group,
+    longest first, since left padding costs compute proportional to the length spread inside a
+    batch.  Groups go in order of their longest prompt, so memory problems show up at once.
+    Every job appears in exactly one batch.
     """
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
-    ordered = sorted(jobs, key=lambda job: (-len(job.prompt_ids), job.index))
-    return [list(ordered[start:start + batch_size]) for start in range(0, len(ordered), batch_size)]
+    groups: dict[tuple[int, ...], list[PromptJob]] = {}
+    for job in jobs:
+        key = tuple(job.prompt_ids[:PREFIX_KEY_TOKENS]) if len(job.prompt_ids) > PREFIX_KEY_TOKENS else ()
+        groups.setdefault(key, []).append(job)  # prompts too short to share much form one group
+    batches = []
+    for group in sorted(groups.values(), key=lambda group: (-max(len(job.prompt_ids) for job in group),
+                                                             min(job.index for job in group))):
+        ordered = sorted(group, key=lambda job: (-len(job.prompt_ids), job.index))
+        batches += [list(ordered[start:start + batch_size]) for start in range(0, len(ordered), batch_size)]
+    return batches
 
 
 def turn_record(parsed: Any, target: dict[str, Any], result: Any) -> TurnRecord:

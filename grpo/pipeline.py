@@ -75,9 +75,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "grpo": {"max_steps": 12, "prompts_per_step": 2, "group_size": 8, "rollout_batch_prompts": 2,
                  "max_new_tokens": 128, "lr": 5e-4, "save_every": 4, "max_prompt_length": 1024, "sample_every": 2,
                  "train_micro_batch": 16},
-        "eval": {"limit": 40, "batch_size": 8, "max_new_tokens": 128, "max_prompt_length": 1024},
+        "eval": {"limit": 40, "batch_size": 16, "max_new_tokens": 128, "max_prompt_length": 1024},
         "eval_sampled": {"temperature": 1.0},
-        "eval_tau": {"limit": 8, "batch_size": 4, "max_new_tokens": 128, "max_prompt_length": 3072},
+        "eval_tau": {"limit": 8, "batch_size": 8, "max_new_tokens": 128, "max_prompt_length": 3072},
     },
     "smoke": {
         "tiny": {"vocab_size": 512, "model": {"hidden_size": 32, "num_layers": 2, "num_heads": 2, "num_kv_heads": 1,

@@ -30,6 +30,12 @@ How the prompt cache is shared (step 3) depends on the architecture:
 
   so the G samples read their prompt's keys once per step instead of G times, the prompt cache
   is never copied, and no cache grows by concatenation.
+
+  The prefill itself is shared too: when every prompt of the batch starts with the same C tokens
+  (prompts of one domain share their system prompt and tool list: about 60% of an evaluation
+  batch's prompt tokens in the synthetic world, 1,983 of tau-bench airline's 2,000-6,600), those C
+  tokens run once, as one row, and their keys and values are repeated for every prompt before
+  each prompt's own remaining tokens run (`common_prefix_length`; positions continue from C).
 - Otherwise the prompt cache is repeated G times along the batch axis (`repeat_interleave`, no
   second prefill) and decoding uses transformers' `DynamicCache`.
 
@@ -72,8 +78,9 @@ class SamplingConfig:
     and stop sequences are ignored until the completion has this many tokens.
 
     share_prefix: shared-prefix attention where the architecture allows it (else the repeated
-    cache); merge_lora: fold fp32 LoRA adapters into the base weights for the rollout.  Both only
-    change speed and memory, not what is sampled (up to float rounding).
+    cache), with the prompts' common first tokens prefilled once; merge_lora: fold fp32 LoRA
+    adapters into the base weights for the rollout.  Both only change speed and memory, not what
+    is sampled (up to float rounding).
     """
 
     group_size: int = 8
@@ -353,6 +360,20 @@ def shared_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor,
     return output.to(query.dtype).reshape(rows, 1, heads, head_dim), None
 
 
+MIN_COMMON_PREFIX = 16  # shorter common prefixes are not worth a forward pass of their own
+
+
+def common_prefix_length(prompts: Sequence[Sequence[int]]) -> int:
+    """How many first tokens every prompt shares, leaving each prompt at least one token of its own
+    (the prefill must end on a prompt's own last token to give its first logits)."""
+    limit = min(len(prompt) for prompt in prompts) - 1
+    if len(prompts) < 2 or limit <= 0:
+        return 0
+    heads = torch.tensor([list(prompt[:limit]) for prompt in prompts], dtype=torch.long)
+    same = (heads == heads[:1]).all(dim=0)  # [limit]: column agrees across prompts
+    return int(same.long().cumprod(0).sum())
+
+
 class SharedPrefixDecoder:
     """Prompt keys/values stored once per prompt; generated ones per row (see the module docstring)."""
 
@@ -368,14 +389,23 @@ class SharedPrefixDecoder:
         full (not sliding-window) attention in every layer (`grpo.policy.supports_shared_prefix`)."""
         return supports_shared_prefix(causal_lm)
 
-    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Tensor:
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, common: int = 0) -> Tensor:
+        """Logits [B*G, V] of every row's first token.  With `common` >= MIN_COMMON_PREFIX (the
+        length every prompt starts with, `common_prefix_length`), those tokens run once."""
         from transformers import DynamicCache
 
         cache = DynamicCache(config=self.causal_lm.config)
-        logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
-                                position_ids=position_ids_from_mask(prompt_mask),
-                                **cache_argument(self.causal_lm, cache), use_cache=True,
-                                logits_to_keep=1).logits[:, -1]
+        if common >= MIN_COMMON_PREFIX and prompt_ids.shape[0] > 1:
+            prompt_ids, prompt_mask = self._prefill_common(cache, prompt_ids, prompt_mask, common)
+            logits = self.causal_lm(input_ids=prompt_ids[:, common:], attention_mask=prompt_mask,
+                                    position_ids=position_ids_from_mask(prompt_mask)[:, common:],
+                                    **cache_argument(self.causal_lm, cache), use_cache=True,
+                                    logits_to_keep=1).logits[:, -1]
+        else:
+            logits = self.causal_lm(input_ids=prompt_ids, attention_mask=prompt_mask,
+                                    position_ids=position_ids_from_mask(prompt_mask),
+                                    **cache_argument(self.causal_lm, cache), use_cache=True,
+                                    logits_to_keep=1).logits[:, -1]
         pad_bias = torch.zeros(prompt_mask.shape, dtype=torch.float32, device=prompt_mask.device)
         pad_bias = pad_bias.masked_fill(prompt_mask == 0, float("-inf"))[:, None, None, :]
         self.groups = _PromptGroups(keys=[layer.keys for layer in cache.layers],
@@ -385,6 +415,29 @@ class SharedPrefixDecoder:
         self.generated = _GeneratedKeyValues(self.num_layers, self.max_new_tokens)
         self.next_position = prompt_mask.sum(-1).repeat_interleave(self.group_size)
         return logits.repeat_interleave(self.group_size, dim=0)
+
+    def _prefill_common(self, cache: Any, prompt_ids: Tensor, prompt_mask: Tensor, common: int
+                        ) -> tuple[Tensor, Tensor]:
+        """Run the `common` shared first tokens once into `cache`, repeat their keys and values
+        for every prompt, and return the prompts re-laid-out as [common | own tokens left-padded]
+        (ids and mask, [B, common + S]) for the second pass over the own tokens."""
+        num_prompts = prompt_ids.shape[0]
+        lengths = prompt_mask.sum(-1)
+        longest = int(lengths.max())
+        shared = prompt_ids[lengths.argmax(), prompt_ids.shape[1] - longest:][:common].unsqueeze(0)  # [1, C]
+        positions = torch.arange(common, device=prompt_ids.device).unsqueeze(0)
+        self.causal_lm(input_ids=shared, position_ids=positions, **cache_argument(self.causal_lm, cache),
+                       use_cache=True, logits_to_keep=1)
+        cache.batch_repeat_interleave(num_prompts)
+        # Each prompt's own tokens are the last (length - C) of its row (prompts are left-padded).
+        own = lengths - common
+        width = int(own.max())
+        columns = torch.arange(width, device=prompt_ids.device)
+        own_mask = (columns.unsqueeze(0) >= width - own.unsqueeze(1)).to(prompt_mask.dtype)  # [B, S]
+        own_ids = prompt_ids[:, prompt_ids.shape[1] - width:].masked_fill(own_mask == 0, 0)
+        ids = torch.cat([shared.expand(num_prompts, -1), own_ids], dim=1)
+        mask = torch.cat([prompt_mask.new_ones((num_prompts, common)), own_mask], dim=1)
+        return ids, mask
 
     def step(self, tokens: Tensor) -> Tensor:
         config = self.causal_lm.config
@@ -542,7 +595,10 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: S
     with rollout_mode(model, fold_lora=config.merge_lora), torch.inference_mode():
         start = time.perf_counter()
         decoder = decoder_class(causal_lm, group_size, max_new_tokens)
-        logits = decoder.prefill(prompt_ids, prompt_mask)
+        if shared:
+            logits = decoder.prefill(prompt_ids, prompt_mask, common=common_prefix_length(prompts))
+        else:
+            logits = decoder.prefill(prompt_ids, prompt_mask)
         prefill_end = time.perf_counter()
 
         rows = torch.arange(num_rows, device=device)  # decode-batch row -> output row

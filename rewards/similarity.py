@@ -262,13 +262,16 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _load_model(backend: str, location: str, device: str | None) -> Similarity:
+    # use_safetensors: weights are read from *.safetensors only, never unpickled from pytorch_model.bin.
     if backend == "cross-encoder":
         from sentence_transformers import CrossEncoder
 
-        return CrossEncoderSimilarity(CrossEncoder(location, device=device), name=f"{CROSS_ENCODER_PREFIX}{location}")
+        return CrossEncoderSimilarity(CrossEncoder(location, device=device, model_kwargs={"use_safetensors": True}),
+                                      name=f"{CROSS_ENCODER_PREFIX}{location}")
     from sentence_transformers import SentenceTransformer
 
-    return BiEncoderSimilarity(SentenceTransformer(location, device=device), name=f"{BI_ENCODER_PREFIX}{location}")
+    return BiEncoderSimilarity(SentenceTransformer(location, device=device, model_kwargs={"use_safetensors": True}),
+                               name=f"{BI_ENCODER_PREFIX}{location}")
 
 
 def _clean(text: Any) -> str:

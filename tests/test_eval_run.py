@@ -69,6 +69,18 @@ def test_length_sorted_batches_cover_every_job_once():
         length_sorted_batches(jobs, 0)
 
 
+def test_batches_keep_prompts_that_start_alike_together():
+    # Two "domains" (system prompts) whose lengths interleave: a batch never mixes them, so its
+    # common first tokens (the system prompt) can be prefilled once.
+    domain = {"a": [1] * 70, "b": [2] * 70}
+    specs = [("a", 5), ("b", 9), ("a", 3), ("b", 7), ("a", 8), ("b", 1)]
+    jobs = [PromptJob(index=i, prompt_ids=domain[name] + [0] * extra, dropped_turns=0)
+            for i, (name, extra) in enumerate(specs)]
+    batches = length_sorted_batches(jobs, 2)
+    assert [[job.index for job in batch] for batch in batches] == [[1, 3], [5], [4, 0], [2]]
+    assert sorted(job.index for batch in batches for job in batch) == list(range(len(jobs)))
+
+
 # ---------------------------------------------------------------------------------------------
 # evaluate() with a scripted sampler: every bookkeeping step checked against known completions
 # ---------------------------------------------------------------------------------------------

@@ -374,3 +374,62 @@ def test_bad_inputs_raise_clear_errors(word_tokenizer, word_model):
     for bad in ({"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"group_size": 0}, {"max_new_tokens": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             SamplingConfig(**bad)
+
+
+# ----------------------------------------------------------------------------------------------
+# The prompts' common first tokens are prefilled once
+# ----------------------------------------------------------------------------------------------
+
+
+def test_common_prefix_length():
+    from grpo.rollout import common_prefix_length
+
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    # Each prompt keeps at least one token of its own: the prefill must end on it.
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert common_prefix_length([[7, 2], [1, 2]]) == 0
+    assert common_prefix_length([[1, 2, 3]]) == 0  # one prompt: nothing to share
+
+
+def test_common_prefix_is_prefilled_once_and_changes_nothing(word_tokenizer, word_model):
+    from grpo.rollout import MIN_COMMON_PREFIX
+
+    shared = random_prompts(len(word_tokenizer), lengths=[MIN_COMMON_PREFIX + 8], seed=5)[0]
+    own_lengths = [3, 9, 1, 6]
+    prompts = [shared + own for own in random_prompts(len(word_tokenizer), lengths=own_lengths, seed=6)]
+    max_new_tokens = 8
+    positions = []
+    hook = word_model.get_input_embeddings().register_forward_hook(
+        lambda module, args, output: positions.append(args[0].shape))
+    try:
+        rollout, _ = run(word_model, prompts, word_tokenizer, greedy=True, group_size=2,
+                         max_new_tokens=max_new_tokens, share_prefix=True)
+    finally:
+        hook.remove()
+    # The shared tokens ran as one row; then every prompt's own tokens (left-padded to the longest).
+    assert positions[0] == (1, len(shared))
+    assert positions[1] == (len(prompts), max(own_lengths))
+    for index, prompt in enumerate(prompts):
+        expected = hf_greedy(word_model, prompt, max_new_tokens, [], word_tokenizer.pad_token_id)
+        for sample in range(2):
+            assert completion(rollout, index, sample) == expected, index
+
+    # Sampled: the same draws as without prefix sharing, and log-probs equal to a full forward.
+    sampled, _ = run(word_model, prompts, word_tokenizer, seed=4, group_size=3, max_new_tokens=max_new_tokens,
+                     share_prefix=True)
+    unshared, _ = run(word_model, prompts, word_tokenizer, seed=4, group_size=3, max_new_tokens=max_new_tokens,
+                      share_prefix=False)
+    assert torch.equal(sampled.completion_ids, unshared.completion_ids)
+    torch.testing.assert_close(sampled.sampling_logprobs, unshared.sampling_logprobs, atol=1e-4, rtol=1e-4)
+    num_prompts, group_size, _ = sampled.completion_ids.shape
+    input_ids = torch.cat([sampled.prompt_ids.repeat_interleave(group_size, dim=0),
+                           sampled.completion_ids.reshape(-1, max_new_tokens)], dim=1)
+    attention_mask = torch.cat([sampled.prompt_mask.repeat_interleave(group_size, dim=0),
+                                sampled.completion_mask.reshape(-1, max_new_tokens)], dim=1)
+    with torch.no_grad():
+        recomputed = token_logprobs(word_model, input_ids, attention_mask,
+                                    completion_start=sampled.prompt_ids.shape[1])
+    mask = sampled.completion_mask.reshape(-1, max_new_tokens).bool()
+    torch.testing.assert_close(sampled.sampling_logprobs.reshape(-1, max_new_tokens)[mask], recomputed[mask],
+                               atol=1e-4, rtol=1e-4)
