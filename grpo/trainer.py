@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -306,6 +307,7 @@ class StepBatch:
     advantages: torch.Tensor  # [n]
     prompt_length: int  # P
     group_size: int = 1  # G: rows g*G .. g*G + G-1 share one prompt (1: no structure assumed)
+    sampling_logprobs: torch.Tensor | None = None  # [n, T] what the sampler drew each token with
 
 
 def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -415,6 +417,8 @@ def rollout_and_score(
                 completion_mask=completion_mask[rows].float().to(device),
                 advantages=torch.cat([local_advantages[first + i] for i in groups]).to(device),
                 prompt_length=prompt_ids.shape[1], group_size=g,
+                sampling_logprobs=(rollout.sampling_logprobs.flatten(0, 1)[rows].to(device)
+                                   if sampling_is_the_policy(config) else None),
             ))
         first += b
 
@@ -480,10 +484,18 @@ def _micro_batches(batch: StepBatch, size: int, *, whole_groups: bool = False) -
                   for first in range(0, rows, group) for start in range(first, first + group, size)]
     else:
         pieces = [(start, min(start + size, rows), 1) for start in range(0, rows, size)]
+    sampled = batch.sampling_logprobs
     return [StepBatch(input_ids=batch.input_ids[start:end], attention_mask=batch.attention_mask[start:end],
                       completion_mask=batch.completion_mask[start:end], advantages=batch.advantages[start:end],
-                      prompt_length=batch.prompt_length, group_size=piece_group)
+                      prompt_length=batch.prompt_length, group_size=piece_group,
+                      sampling_logprobs=None if sampled is None else sampled[start:end])
             for start, end, piece_group in pieces]
+
+
+def sampling_is_the_policy(config: Any) -> bool:
+    """True when the sampler draws from the policy's own softmax(z / temperature): no top-k, no
+    top-p, no stop-token ban.  Only then can its log-probs be compared with the training ones."""
+    return config.top_k == 0 and config.top_p >= 1.0 and config.min_new_tokens == 0
 
 
 def _sequence_logprobs(policy: Policy, batch: StepBatch, temperature: float, *, entropy: bool = False) -> Any:
@@ -555,7 +567,8 @@ def policy_update(
     sums: dict[str, float] = {}
     train_tokens, began = 0, time.perf_counter()
     grad_norm, loss_total, nonfinite = 0.0, 0.0, False
-    for _ in range(config.mu):
+    gap_sum, gap_max, gap_tokens = 0.0, 0.0, 0.0  # |training - sampling log-prob| on the first pass
+    for pass_index in range(config.mu):
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for i, m in enumerate(micro):
@@ -582,6 +595,11 @@ def policy_update(
                 if isinstance(value, (int, float)):
                     sums[key] = sums.get(key, 0.0) + float(value) * (1.0 if key == "num_tokens" else weight)
             sums["entropy"] = sums.get("entropy", 0.0) + float((entropy * m.completion_mask).sum()) / max(num_items, 1)
+            if pass_index == 0 and m.sampling_logprobs is not None:  # same weights as the rollout's
+                gap = (logprobs.detach().float() - m.sampling_logprobs).abs()[m.completion_mask.bool()]
+                if gap.numel():
+                    gap_sum, gap_tokens = gap_sum + float(gap.sum()), gap_tokens + gap.numel()
+                    gap_max = max(gap_max, float(gap.max()))
         if distributed.any_rank(context, nonfinite):
             nonfinite = True
             optimizer.zero_grad(set_to_none=True)
@@ -597,13 +615,18 @@ def policy_update(
     elapsed = distributed.all_reduce_numbers(context, {"time": time.perf_counter() - began}, op="max")["time"]
     if nonfinite:  # agreed by every rank; a rank that stopped early holds fewer keys
         sums = {}
-    sums = distributed.all_reduce_numbers(context, {**sums, "__loss": loss_total, "__tokens": train_tokens})
+    sums = distributed.all_reduce_numbers(context, {**sums, "__loss": loss_total, "__tokens": train_tokens,
+                                                    "__gap_sum": gap_sum, "__gap_tokens": gap_tokens})
     loss_total, train_tokens = sums.pop("__loss"), sums.pop("__tokens")
+    gap_sum, gap_tokens = sums.pop("__gap_sum"), sums.pop("__gap_tokens")
+    gap_max = distributed.all_reduce_numbers(context, {"gap": gap_max}, op="max")["gap"]
     metrics = {f"loss/{k}": v / config.mu for k, v in sums.items() if k != "entropy"}
     metrics.update({
         "loss": loss_total, "grad_norm": grad_norm, "entropy": sums.get("entropy", 0.0) / config.mu,
         "train/tokens_per_s": train_tokens / max(elapsed, 1e-9), "time/train_s": elapsed, "nonfinite_loss": nonfinite,
     })
+    if gap_tokens:  # sampler and trainer disagree by float rounding (more in bf16) or by a bug
+        metrics["logprob_gap/mean_abs"], metrics["logprob_gap/max_abs"] = gap_sum / gap_tokens, gap_max
     return metrics
 
 
@@ -706,6 +729,9 @@ def open_run(config: Any, context: Distributed, device: torch.device) -> RunStar
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     if config.deterministic:
+        # cuBLAS raises at the first GEMM under deterministic algorithms unless this is set before
+        # it initialises (harmless on CPU).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
     seed_everything(config.seed)  # the same seed on every rank: identical initialisation
     resume_from = latest_checkpoint(run_dir) if config.resume else None

@@ -106,6 +106,8 @@ def test_cli_three_steps_writes_everything_and_resume_continues(tmp_path, tiny_b
         assert record["lr"] == pytest.approx(1e-5)
         assert record["rollout/tokens_per_s"] > 0 and record["train/tokens_per_s"] > 0
         assert record["loss/kl_mean"] >= 0 and record["nonfinite_loss"] is False
+        # The sampler's log-probs reach the update, and agree with the trainer's in fp32.
+        assert 0 <= record["logprob_gap/mean_abs"] <= record["logprob_gap/max_abs"] < 1e-3
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert {sample["step"] for sample in samples} == {1, 2, 3}
     assert all({"text", "reward", "components", "target", "length", "finished"} <= set(sample) for sample in samples)
@@ -416,3 +418,39 @@ def test_oversample_run_samples_twice_the_prompts_and_logs_the_selection(tmp_pat
     assert samples == trained[:3] and info["turns"] == 3 and info["turns_available"] == 8
     with pytest.raises(ValueError, match="not a GRPO run directory"):
         trainer.trained_samples(tmp_path)
+
+
+def test_logprob_gap_measures_sampling_against_training_logprobs(lora_policy):
+    batches = hand_built_batches(lora_policy.model.config.vocab_size)
+    config = trainer.GRPOConfig(max_new_tokens=4, train_micro_batch=2)
+    with torch.no_grad():
+        exact = [token_logprobs(lora_policy.model, batch.input_ids, batch.attention_mask,
+                                completion_start=batch.prompt_length) for batch in batches]
+    for offset in (0.0, 0.25):
+        shifted = [dataclasses.replace(batch, sampling_logprobs=logprobs + offset * batch.completion_mask.sign()
+                                       * torch.tensor([1.0, -1.0, 1.0, -1.0]))
+                   for batch, logprobs in zip(batches, exact)]
+        policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
+        metrics = trainer.policy_update(policy, shifted, dataclasses.replace(config, mu=2),
+                                        torch.optim.SGD(trainable(policy), lr=0.1))
+        # Measured on the first pass (the rollout's weights), over completion tokens only.
+        assert metrics["logprob_gap/mean_abs"] == pytest.approx(offset, abs=1e-5)
+        assert metrics["logprob_gap/max_abs"] == pytest.approx(offset, abs=1e-5)
+    # Without sampler log-probs (top-k, top-p or a stop-token ban change the distribution) no gap is logged.
+    policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
+    metrics = trainer.policy_update(policy, batches, config, torch.optim.SGD(trainable(policy), lr=0.1))
+    assert "logprob_gap/mean_abs" not in metrics
+    assert trainer.sampling_is_the_policy(config)
+    for change in ({"top_k": 5}, {"top_p": 0.9}, {"min_new_tokens": 2}):
+        assert not trainer.sampling_is_the_policy(dataclasses.replace(config, **change))
+
+
+def test_deterministic_sets_the_cublas_workspace_before_any_gemm(tmp_path, tiny_base, small_data, monkeypatch,
+                                                                 restore_determinism):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    trainer.open_run(small_config(tiny_base, small_data, tmp_path / "run", deterministic=False),
+                     trainer.SINGLE, torch.device("cpu"))
+    assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    trainer.open_run(small_config(tiny_base, small_data, tmp_path / "run2", deterministic=True),
+                     trainer.SINGLE, torch.device("cpu"))
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
