@@ -46,12 +46,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from grpo.policy import LORA_TARGETS  # noqa: E402  (the paper's targets: all seven projections)
+
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name fragment, most specific first.
 BF16_PEAK_TFLOPS = (
     ("H200", 989.4), ("H100 PCIe", 756.0), ("H100", 989.4), ("GH200", 989.4), ("B200", 2250.0),
     ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("RTX 4090", 165.2),
 )
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 
 

@@ -66,11 +66,12 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from grpo.policy import LORA_TARGETS  # noqa: E402  (the paper's targets: all seven projections)
+
 GROUP_SIZE = 8
 NEW_TOKENS = 64
 LOSS_TYPE = "dapo"
 LEARNING_RATE = 1e-5
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MARK = "@@bench "  # prefix of the lines a worker sends to the parent (libraries print to stdout too)
 
 

@@ -203,7 +203,7 @@ def load_samples(spec: str, *, seed: int, limit: int, data_format: str | None = 
     from data import load_dataset, make_samples
 
     if spec.startswith("trained:"):  # the prompts a GRPO run trained on: the first `limit`, in training order
-        from grpo.trainer import trained_samples
+        from grpo.prompts import trained_samples
 
         trained = trained_samples(spec.removeprefix("trained:"))
         samples = trained[:limit] if limit else trained
@@ -316,14 +316,14 @@ def evaluate(
 
     import rewards
     from data.render import ContextTooLong, render_prompt, stop_sequences, stop_token_ids
-    from grpo.rollout import SamplingConfig, generate
-    from grpo.trainer import decode_completions
+    from grpo.policy import pad_token_id
+    from grpo.rollout import SamplingConfig, decode_completions, generate
 
     began = time.perf_counter()
     tokenizer = policy.tokenizer
     reward_config = reward_config or rewards.RewardConfig()
     stops = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_token_id(tokenizer, stops[0])
 
     jobs, skipped, shortened = [], 0, 0
     for index, sample in enumerate(samples):

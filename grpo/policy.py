@@ -71,6 +71,17 @@ GROUPED_PREFIX_ATTENTION = "grpo_grouped_prefix"
 # ----------------------------------------------------------------------------------------------
 
 
+# The paper's LoRA targets: every attention and MLP projection (the one list every entry point uses).
+LORA_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def pad_token_id(tokenizer: Any, fallback: int | None = None) -> int:
+    """The tokenizer's pad id, else `fallback`, else its EOS id (padding is always masked out)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return fallback if fallback is not None else tokenizer.eos_token_id
+
+
 @dataclass
 class LoraSettings:
     """LoRA hyper-parameters; the default targets are the paper's (every attention and MLP projection)."""
@@ -78,9 +89,7 @@ class LoraSettings:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.0
-    target_modules: tuple[str, ...] = (
-        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
-    )
+    target_modules: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self) -> None:
         if self.r <= 0:

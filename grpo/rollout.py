@@ -638,3 +638,14 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: S
         "rollout/steps": float(steps),
     })
     return pack(), metrics
+
+
+def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_mask: torch.Tensor, stop_ids: set[int]) -> list[str]:
+    """Text of each completion [N, T] without its final stop token (the parser sees what the model wrote)."""
+    texts = []
+    for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
+        kept = [token for token, keep in zip(ids, mask) if keep]
+        if kept and kept[-1] in stop_ids:
+            kept = kept[:-1]
+        texts.append(tokenizer.decode(kept, skip_special_tokens=False))
+    return texts

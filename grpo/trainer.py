@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,121 +43,15 @@ import torch
 
 from grpo.advantages import advantage_stats, group_advantages, group_reward_std, most_varied_groups
 from grpo import distributed
-from grpo.checkpoint import (
-    check_resume_compatible,
-    latest_checkpoint,
-    load_optimizer_state,
-    remove_stale_temporaries,
-    restore_policy_weights,
-    save_training_checkpoint,
-    write_json,
-)
-from grpo.config import check_ranges, config_to_dict, field
+from grpo.checkpoint import check_resume_compatible, load_optimizer_state, restore_policy_weights, save_training_checkpoint
 from grpo.distributed import SINGLE, Distributed
+from grpo.flags import GRPOConfig
 from grpo.loss import policy_loss
-from grpo.models import ModelNotFound, needs_conversion, resolve_model
-from grpo.policy import (LoraSettings, Policy, grouped_token_logprobs, load_policy, model_dtype_device, reference_mode,
-                         token_logprobs)
-from grpo.rollout import SamplingConfig, generate
-from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
-
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-
-
-@dataclasses.dataclass
-class GRPOConfig:
-    """Every knob of a GRPO run.  Paper defaults where the paper gives one."""
-
-    # --- run -----------------------------------------------------------------------------------
-    out: str = field("runs/grpo", "run directory: config, logs, checkpoints, samples")
-    seed: int = field(0, "seed for data order, sampling and initialisation")
-    max_steps: int = field(100, "optimizer steps")
-    save_every: int = field(25, "checkpoint every N steps (and always at the end)")
-    keep_checkpoints: int = field(3, "keep only the newest N checkpoints (0 keeps all)")
-    log_every: int = field(1, "log metrics every N steps")
-    sample_every: int = field(10, "write a few decoded completions every N steps (0: never)")
-    resume: bool = field(False, "continue from the newest checkpoint in --out")
-    init: str | None = field(None, "start from this SFT checkpoint directory (its lineage is merged)")
-    model: str | None = field(None, "start from a plain model: hub name, folder, .gguf file, 'smollm2' or 'tiny'")
-    device: str = field("auto", "cpu, cuda, cuda:N or auto")
-    dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPUs and fast-bf16 CPUs: runtime.auto_dtype)")
-    trust_remote_code: bool = field(False, "allow model repositories to run their own code")
-    deterministic: bool = field(False, "torch deterministic algorithms (for exact resume checks)")
-    threads: int = field(0, "CPU threads for torch (0: torch's default)")
-    fsdp: bool = field(False, "torchrun only: shard parameters, gradients and optimizer state with FSDP2 "
-                              "(full fine-tuning: needs --no-lora)")
-    # --- data ----------------------------------------------------------------------------------
-    data: str = field("synthetic:train", "training data: a path or synthetic:<split>")
-    data_format: str | None = field(None, "force the data format (default: detected)", choices=("apigen", "tau", "almita"))
-    format_prompt: bool = field(False, "end every system prompt with the output-format instructions "
-                                       "(data.format.FORMAT_INSTRUCTIONS)")
-    max_prompt_length: int = field(1024, "prompt token limit; older turns are dropped beyond it")
-    # --- policy / LoRA -------------------------------------------------------------------------
-    lora: bool = field(True, "train LoRA adapters (--no-lora: full fine-tuning)")
-    lora_r: int = field(16, "LoRA rank")
-    lora_alpha: int = field(32, "LoRA alpha")
-    lora_dropout: float = field(0.0, "LoRA dropout")
-    lora_targets: str = field(LORA_TARGETS, "comma-separated module names that get LoRA")
-    tiny_vocab_size: int = field(4096, "--model tiny: tokenizer vocabulary size")
-    # --- rollout -------------------------------------------------------------------------------
-    group_size: int = field(8, "completions per prompt (G)")
-    prompts_per_step: int = field(16, "prompts per optimizer step (paper: 1 x grad-accum 16)")
-    rollout_batch_prompts: int = field(4, "prompts generated together in one rollout call")
-    oversample: int = field(1, "sample groups for oversample x prompts-per-step prompts and train on the "
-                               "prompts-per-step groups whose rewards vary most (1: every group, as in the paper)")
-    max_new_tokens: int = field(128, "completion token limit")
-    min_new_tokens: int = field(0, "stop tokens are banned until a completion has this many tokens")
-    temperature: float = field(1.0, "sampling temperature (log-probs use the same)")
-    top_p: float = field(1.0, "nucleus sampling threshold")
-    top_k: int = field(0, "top-k sampling (0: off)")
-    # --- objective -----------------------------------------------------------------------------
-    loss_type: str = field("grpo", "loss aggregation", choices=("grpo", "bnpo", "dr_grpo", "dapo"))
-    scale_rewards: str = field("group", "advantage std scaling", choices=("group", "batch", "none"))
-    beta: float = field(0.0, "KL coefficient (0: no reference pass)")
-    epsilon_low: float = field(0.2, "lower clip range")
-    epsilon_high: float | None = field(None, "upper clip range (default: epsilon_low)")
-    mu: int = field(1, "passes over each step's completions")
-    train_micro_batch: int = field(16, "sequences per forward/backward micro-batch (whole groups with "
-                                       "--share-prefix: rounded down to a multiple of G, at least one group)")
-    share_prefix: bool = field(True, "compute each prompt once per group in the training forward (its G "
-                                     "completions attend to its keys and values: same result, fewer tokens)")
-    # --- optimizer -----------------------------------------------------------------------------
-    lr: float = field(1e-5, "peak learning rate")
-    lr_schedule: str = field("constant", "after warmup", choices=("constant", "linear", "cosine"))
-    warmup_steps: int = field(0, "linear warmup steps")
-    weight_decay: float = field(0.0, "AdamW weight decay")
-    max_grad_norm: float = field(1.0, "gradient clipping (0: off)")
-    max_bad_steps: int = field(3, "stop after this many consecutive steps with a NaN/inf loss")
-    # --- rewards -------------------------------------------------------------------------------
-    similarity: str = field("default", "answer similarity: default (all-MiniLM-L6-v2), a model name/path, or lexical")
-    length_reward: bool = field(True, "use the thinking-length reward")
-    w_accuracy: float = field(1.0, "weight of the conditional accuracy reward")
-    w_format: float = field(1.0, "weight of the format reward")
-    w_length: float = field(1.0, "weight of the thinking-length reward")
-
-    def __post_init__(self) -> None:
-        check_ranges(self, at_least_one=(
-            "group_size", "prompts_per_step", "rollout_batch_prompts", "oversample", "max_new_tokens", "mu",
-            "train_micro_batch",
-            "log_every", "max_bad_steps", "max_prompt_length", "lora_r"),
-            non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k",
-                          "min_new_tokens", "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm",
-                          "lora_dropout"),
-            positive=("temperature",))
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.group_size < 2:
-            # One completion per group has no spread to compare: every advantage would be 0.
-            raise ValueError(f"--group-size must be >= 2 (GRPO compares the completions of a prompt), "
-                             f"got {self.group_size}")
-        if self.fsdp and self.oversample > 1:
-            # FSDP needs the same number of forward passes on every rank; the kept groups of a rank
-            # can fall into a different number of rollout chunks than another rank's.
-            raise ValueError("--oversample > 1 is not supported with --fsdp (ranks could run different numbers "
-                             "of micro-batches); use it without --fsdp")
-        if self.fsdp and self.lora:
-            raise ValueError("--fsdp shards full fine-tuning; LoRA adapters are small enough to replicate "
-                             "(drop --fsdp, or add --no-lora)")
+from grpo.policy import Policy, grouped_token_logprobs, pad_token_id, position_ids_from_mask, reference_mode, token_logprobs
+from grpo.prompts import Prompt, build_prompts, prompt_batches, trained_samples  # noqa: F401  (re-exported)
+from grpo.rollout import SamplingConfig, decode_completions, generate
+from grpo.run import RunStart, load_start_policy, open_run, plain_model  # noqa: F401  (re-exported)
+from grpo.runtime import StopRequest, derived_seed, lr_at
 
 
 def check_world(config: GRPOConfig, context: Distributed) -> None:
@@ -171,130 +64,8 @@ def check_world(config: GRPOConfig, context: Distributed) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prompts
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Prompt:
-    """One training prompt: the sample (for its target) and its rendered prompt ids."""
-
-    sample: Any  # data.types.Sample
-    prompt_ids: list[int]
-
-
-def build_prompts(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None] = print) -> list[Prompt]:
-    """Render every training sample as a generation prompt; count (and log) what had to be cut.
-
-    Unreadable data (a missing file, a malformed row) stops the run with the loader's message,
-    which names the file, the row and the field.
-    """
-    from data import load_dataset, make_samples
-    from data.loaders import DataError
-    from data.render import ContextTooLong, render_prompt
-
-    try:
-        conversations, stats = load_dataset(config.data, seed=config.seed, format=config.data_format)
-    except (DataError, ValueError) as error:
-        raise SystemExit(f"--data {config.data}: {error}") from None
-    samples = make_samples(conversations, strip_reasoning=True, format_instructions=config.format_prompt)
-    without_action = sum(not any(turn.is_action for turn in conversation.turns) for conversation in conversations)
-    prompts, too_long, shortened = [], 0, 0
-    for sample in samples:
-        try:
-            rendered = render_prompt(sample, tokenizer, max_length=config.max_prompt_length)
-        except ContextTooLong as error:
-            too_long += 1
-            if too_long <= 3:
-                log(f"skipped prompt: {error}")
-            continue
-        shortened += rendered.dropped_turns > 0
-        prompts.append(Prompt(sample=sample, prompt_ids=rendered.input_ids))
-    log(
-        f"data {config.data}: {len(conversations)} conversations ({without_action} without an assistant action), "
-        f"{len(samples)} samples, {len(prompts)} prompts ({shortened} shortened, {too_long} skipped as too long "
-        "even after dropping history)"
-    )
-    if not prompts:
-        reason = ("no conversation has an assistant action" if not samples
-                  else f"all {len(samples)} exceed --max-prompt-length {config.max_prompt_length}")
-        raise SystemExit(f"--data {config.data}: no usable prompts ({reason})")
-    return prompts
-
-
-def prompt_batches(num_prompts: int, per_step: int, *, seed: int, start_step: int) -> Any:
-    """Yield (step, prompt indices) forever: seeded reshuffles per epoch, resumable from any step."""
-    from data.batching import batch_indices
-
-    per_epoch = max(1, num_prompts // per_step)
-    step = start_step
-    while True:
-        epoch, position = divmod(step, per_epoch)
-        batches = batch_indices(num_prompts, per_step, seed=seed, epoch=epoch, shuffle=True, drop_last=True)
-        if not batches:  # fewer prompts than one step needs: reuse them with replacement order
-            batches = [[i % num_prompts for i in range(per_step)]]
-        yield step, batches[position % len(batches)]
-        step += 1
-
-
-def trained_samples(run_dir: str | Path) -> list[Any]:
-    """The samples a GRPO run has trained on so far, in training order (step 1's prompts first).
-
-    Rebuilt from the run's config.json and the tokenizer of its newest checkpoint, with the same
-    prompt list and `prompt_batches` order as the run, up to the checkpoint's step; with
-    --oversample, every sampled prompt (kept or not).  Lets `eval.run --data trained:RUN_DIR`
-    ask whether RL changed the decisions on its own training prompts (optimisation) or only
-    failed to carry them to the test split (generalisation).
-    """
-    import json
-
-    from grpo.checkpoint import load_trainer_state
-    from grpo.config import config_from_dict
-    from grpo.policy import load_tokenizer
-
-    run_dir = Path(run_dir)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{run_dir} is not a GRPO run directory (no config.json)")
-    config = config_from_dict(GRPOConfig, json.loads(config_path.read_text()))
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise ValueError(f"{run_dir} has no checkpoint yet: nothing has been trained")
-    steps = int(load_trainer_state(checkpoint)["step"])
-    prompts = build_prompts(config, load_tokenizer(checkpoint), log=lambda message: None)
-    order: list[int] = []
-    for step, indices in prompt_batches(len(prompts), config.prompts_per_step * config.oversample,
-                                        seed=config.seed, start_step=0):
-        if step >= steps:
-            break
-        order.extend(indices)
-    return [prompts[index].sample for index in order]
-
-
-# ---------------------------------------------------------------------------------------------
 # One optimizer step
 # ---------------------------------------------------------------------------------------------
-
-
-def _left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.long)
-        mask[i, length - len(row):] = 1
-    return ids, mask
-
-
-def decode_completions(tokenizer: Any, completion_ids: torch.Tensor, completion_mask: torch.Tensor, stop_ids: set[int]) -> list[str]:
-    """Text of each completion [N, T] without its final stop token (the parser sees what the model wrote)."""
-    texts = []
-    for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
-        kept = [token for token, keep in zip(ids, mask) if keep]
-        if kept and kept[-1] in stop_ids:
-            kept = kept[:-1]
-        texts.append(tokenizer.decode(kept, skip_special_tokens=False))
-    return texts
 
 
 @dataclasses.dataclass
@@ -308,10 +79,6 @@ class StepBatch:
     prompt_length: int  # P
     group_size: int = 1  # G: rows g*G .. g*G + G-1 share one prompt (1: no structure assumed)
     sampling_logprobs: torch.Tensor | None = None  # [n, T] what the sampler drew each token with
-
-
-def _position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def rollout_chunks(first: int, stop: int, chunk_prompts: int) -> list[tuple[int, int]]:
@@ -360,7 +127,7 @@ def rollout_and_score(
         top_p=config.top_p, top_k=config.top_k, min_new_tokens=config.min_new_tokens,
     )
     stops = stop_token_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    pad_id = pad_token_id(tokenizer, stops[0])
     chunks, records, component_rows = [], [], []
     rollout_tokens, rollout_time = 0, 0.0
     with distributed.gathered_for_rollout(policy.model):  # FSDP: ranks run different numbers of passes
@@ -507,7 +274,7 @@ def _sequence_logprobs(policy: Policy, batch: StepBatch, temperature: float, *, 
     if batch.group_size == 1:
         return token_logprobs(
             policy.model, batch.input_ids, batch.attention_mask, completion_start=batch.prompt_length,
-            temperature=temperature, position_ids=_position_ids(batch.attention_mask), return_entropy=entropy,
+            temperature=temperature, position_ids=position_ids_from_mask(batch.attention_mask), return_entropy=entropy,
         )
     rows, group, prompt_length = batch.input_ids.shape[0], batch.group_size, batch.prompt_length
     input_ids = batch.input_ids.view(rows // group, group, -1)
@@ -648,106 +415,6 @@ def make_reward_fn(config: GRPOConfig) -> Callable[[list[str], list[dict]], list
         return rewards.score_batch(texts, targets, config=reward_config, similarity=similarity)
 
     return reward_fn
-
-
-def plain_model(config: Any, context: Distributed, log: Callable[[str], None]) -> str:
-    """What --model names, as `from_pretrained` loads it: `tiny` is built once and `smollm2` or a
-    `.gguf` file converted once into the run directory (by rank 0), so the run carries its own
-    base and its lineage stays valid; a hub name or a folder is used as it is."""
-    model = config.model or "tiny"
-    if model == "tiny":
-        from grpo.tiny import prepare_tiny_base
-
-        directory = Path(config.out) / "base-tiny"
-        if context.is_main:  # other ranks must not write into the run directory
-            prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)
-        distributed.barrier(context)
-        base = prepare_tiny_base(directory, seed=config.seed, vocab_size=config.tiny_vocab_size)  # reused as is
-        log(f"tiny base model at {base} (random weights, tokenizer trained on synthetic:train)")
-        return str(base)
-    if needs_conversion(model):
-        directory = Path(config.out) / "base-model"
-        if context.is_main:
-            resolve_model(model, folder=directory)
-        distributed.barrier(context)
-        converted = resolve_model(model, folder=directory)  # reused as is
-        log(f"{model} converted to a plain model folder at {converted}")
-        return converted
-    return model
-
-
-def load_start_policy(config: Any, device: torch.device, dtype: torch.dtype | str, log: Callable[[str], None],
-                      context: Distributed = SINGLE) -> Policy:
-    """A stage's starting point (GRPO and SFT): --init (a checkpoint, lineage merged) or --model,
-    with a fresh LoRA adapter unless --no-lora.  `--model tiny` is built once, by rank 0.
-    `config` needs the fields init, model, out, seed, tiny_vocab_size, trust_remote_code, lora*."""
-    lora = None
-    if config.lora:
-        lora = LoraSettings(r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
-                            target_modules=tuple(t.strip() for t in config.lora_targets.split(",") if t.strip()))
-    if config.init and config.model:
-        raise SystemExit("give either --init (a checkpoint) or --model (a plain model), not both")
-    source = f"--init {config.init}" if config.init else f"--model {config.model or 'tiny'}"
-    try:
-        start = {"init": config.init} if config.init else {"base": plain_model(config, context, log)}
-        policy = load_policy(**start, lora=lora, dtype=dtype, device=str(device),
-                             trust_remote_code=config.trust_remote_code)
-        log(f"weights in {model_dtype_device(policy.model)[0]} (--dtype {config.dtype})")
-        return policy
-    except ModelNotFound as error:  # its message names the flag and the fix
-        raise SystemExit(str(error)) from None
-    except (OSError, ValueError) as error:  # a missing or unreadable model or checkpoint
-        raise SystemExit(f"{source}: {error}") from None
-
-
-@dataclasses.dataclass
-class RunStart:
-    """A trainer's run directory opened for a (possibly resumed) run: see `open_run`."""
-
-    run_dir: Path
-    resume_from: Path | None  # the newest checkpoint when --resume found one
-    state: dict[str, Any] | None  # its trainer state (step, optimizer, RNG, ...)
-    start_step: int
-    logger: RunLogger
-    log: Callable[[str], None]  # prints and writes log.txt on rank 0; silent elsewhere
-    dtype: torch.dtype | str  # "auto": decided per model when it loads (grpo.runtime.auto_dtype)
-
-
-def open_run(config: Any, context: Distributed, device: torch.device) -> RunStart:
-    """What GRPO and SFT do before loading a model: create the run directory (rank 0), clear what a
-    killed checkpoint writer left, set threads / determinism / seeds, find the checkpoint to resume
-    from and check its settings against `config`, cut the logs back to it, open the logger and
-    write config.json.  `config` needs out, resume, threads, deterministic, seed and dtype."""
-    from grpo.checkpoint import load_trainer_state
-
-    run_dir = Path(config.out)
-    if context.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if config.resume:
-            remove_stale_temporaries(run_dir)  # what a killed checkpoint writer left behind
-    distributed.barrier(context)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    if config.deterministic:
-        # cuBLAS raises at the first GEMM under deterministic algorithms unless this is set before
-        # it initialises (harmless on CPU).
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-    seed_everything(config.seed)  # the same seed on every rank: identical initialisation
-    resume_from = latest_checkpoint(run_dir) if config.resume else None
-    state = load_trainer_state(resume_from) if resume_from is not None else None
-    start_step = int(state["step"]) if state is not None else 0
-    if state is not None and context.is_main:
-        trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
-    logger = RunLogger(run_dir, enabled=context.is_main)
-    log = (lambda message: (print(message), logger.text(message))) if context.is_main else (lambda message: None)  # noqa: E731
-    if config.resume and resume_from is None:
-        log(f"--resume: no checkpoint in {run_dir}/checkpoints yet, starting from step 0")
-    if context.is_main:
-        write_json(run_dir / "config.json", config_to_dict(config))
-    if resume_from is not None:
-        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
-    return RunStart(run_dir, resume_from, state, start_step, logger, log, resolve_dtype(config.dtype, device))
 
 
 def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], list[Any]] | None = None) -> Path:

@@ -33,11 +33,10 @@ from grpo import distributed
 from grpo.checkpoint import check_resume_compatible, load_optimizer_state, restore_policy_weights, save_training_checkpoint
 from grpo.config import check_ranges, field
 from grpo.distributed import SINGLE, Distributed
-from grpo.policy import PLAIN_HEAD_MODEL_TYPES, Policy, causal_lm_of
-from grpo.trainer import load_start_policy, open_run  # the same run setup and starting point as GRPO
+from grpo.policy import LORA_TARGETS, PLAIN_HEAD_MODEL_TYPES, Policy, causal_lm_of, pad_token_id
+from grpo.run import load_start_policy, open_run  # the same run setup and starting point as GRPO
 from grpo.runtime import StopRequest, derived_seed, lr_at
 
-LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DEFAULT_DATA = {"base": "synthetic:train", "coldstart": "synthetic:coldstart"}
 
 
@@ -89,7 +88,7 @@ class SFTConfig:
     lora_r: int = field(16, "LoRA rank")
     lora_alpha: int = field(32, "LoRA alpha")
     lora_dropout: float = field(0.0, "LoRA dropout")
-    lora_targets: str = field(LORA_TARGETS, "comma-separated module names that get LoRA")
+    lora_targets: str = field(",".join(LORA_TARGETS), "comma-separated module names that get LoRA")
     tiny_vocab_size: int = field(4096, "--model tiny: tokenizer vocabulary size")
 
     def __post_init__(self) -> None:
@@ -254,17 +253,13 @@ def validation_loss(policy: Policy, data: list[Any], config: SFTConfig, device: 
         index = round_index * context.world_size + context.rank
         if index >= len(chunks) and not sharded:
             break
-        batch = _to_device(collate(chunks[min(index, len(chunks) - 1)], _pad_id(policy.tokenizer)), device)
+        batch = _to_device(collate(chunks[min(index, len(chunks) - 1)], pad_token_id(policy.tokenizer)), device)
         nll, tokens = masked_nll_sum(policy.model, batch)
         if index < len(chunks):
             total, count = total + float(nll), count + tokens
     policy.model.train()
     sums = distributed.all_reduce_numbers(context, {"total": total, "count": count})
     return sums["total"] / max(sums["count"], 1)
-
-
-def _pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _to_device(batch: Any, device: torch.device) -> Any:
@@ -330,7 +325,7 @@ def _train(config: SFTConfig, context: Distributed, device: torch.device) -> Pat
         return path
 
     policy.model.train()
-    pad_id = _pad_id(policy.tokenizer)
+    pad_id = pad_token_id(policy.tokenizer)
     epoch_cache: dict[int, list[list[int]]] = {}
 
     def micro_batch(index: int) -> list[int]:

@@ -35,7 +35,7 @@ import torch
 
 import grpo.trainer as trainer
 from grpo.config import parse_config
-from grpo.policy import load_policy, load_tokenizer, token_logprobs
+from grpo.policy import load_policy, token_logprobs
 from rewards.score import RewardResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
