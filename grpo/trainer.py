@@ -1,12 +1,17 @@
-"""The GRPO trainer: one optimizer step, read top to bottom.
+"""The GRPO trainer: one optimizer step (`grpo_step`), read top to bottom.
 
-    prompts  -> rollout (G completions each, shared-prefix KV cache)     grpo.rollout.generate
-             -> rewards (one batched call)                             rewards.score_batch
-             -> advantages [B, G]                                      grpo.advantages.group_advantages
-             -> (beta > 0) reference log-probs under disable_adapter()  grpo.policy.reference_mode
-             -> mu passes over micro-batches, loss normaliser fixed    grpo.loss.policy_loss
-                once for the whole step (accumulation == one big batch)
-             -> clip grad norm -> AdamW step -> learning-rate schedule
+    prompts -> rollout: G completions each (shared-prefix KV cache)    sample_groups          grpo.rollout.generate
+            -> rewards, one batched call                              score_completions      rewards.score_batch
+            -> (group selection) -> advantages [B, G]                 select_and_advantages  grpo.advantages
+            -> training batches [prompt | completion]                 training_batches
+            -> mu passes over micro-batches, loss normaliser fixed    policy_update          grpo.loss.policy_loss
+               once for the whole step (accumulation == one big batch); beta > 0: reference
+               log-probs under disable_adapter(); clip grad norm; AdamW step
+            -> metrics                                                rollout_metrics (+ policy_update's)
+
+Everything before the update is `rollout_and_score` (what a benchmark times as "rollout");
+`_train` is the loop around `grpo_step`: learning-rate schedule, NaN guards, logging,
+checkpoints, stop signals.
 
 Optional group selection (--oversample K, K = 1 in the paper): sample groups for K times the
 step's prompts, then train on the prompts_per_step groups whose rewards vary most
@@ -107,7 +112,7 @@ def rollout_and_score(
     first_position: int = 0,
     context: Distributed = SINGLE,
 ) -> tuple[list[StepBatch], torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
-    """Generate G completions per prompt, score them, compute advantages.
+    """Generate G completions per prompt, score them, compute advantages: the first half of a step.
 
     `prompts` are this rank's share of the step, at positions first_position.. of the step's
     global prompt list.  The chunk starting at position p samples with a generator seeded from
@@ -118,18 +123,50 @@ def rollout_and_score(
     Returns this rank's training batches, the rewards of the whole step [B, G], metrics and
     this rank's per-completion records.
     """
+    chunks, rollout_time = sample_groups(policy, prompts, config, step=step, first_position=first_position)
+    texts, targets, results = score_completions(policy.tokenizer, chunks, reward_fn)
+    local_rewards = torch.tensor([r.total for r in results], dtype=torch.float32).view(len(prompts), config.group_size)
+    candidates, rewards, local_advantages = select_and_advantages(local_rewards, config, context, first_position)
+    batches = training_batches(chunks, local_advantages, config, device)
+    records = completion_records(chunks, texts, targets, results)
+    metrics = rollout_metrics(records, candidates, rewards, rollout_time, config, context)
+    return batches, candidates, metrics, records
+
+
+class NonFiniteRewards(RuntimeError):
+    """Every reward of a step is NaN or infinite: nothing to learn from (raised before the update)."""
+
+
+def grpo_step(policy: Policy, prompts: list[Prompt], config: GRPOConfig, optimizer: torch.optim.Optimizer, *,
+              step: int, reward_fn: Callable[[list[str], list[dict]], list[Any]], device: torch.device,
+              first_position: int = 0, context: Distributed = SINGLE, reference_policy: Policy | None = None
+              ) -> tuple[torch.Tensor, dict[str, Any], list[dict[str, Any]]]:
+    """One GRPO optimizer step: rollout, rewards, advantages, batches (`rollout_and_score`), then
+    the clipped-objective update.  Returns the step's rewards [B, G], its metrics and this rank's
+    completion records."""
+    batches, rewards, metrics, records = rollout_and_score(policy, prompts, config, step=step, reward_fn=reward_fn,
+                                                           device=device, first_position=first_position, context=context)
+    if not torch.isfinite(rewards).any():  # the rewards of every rank: all ranks agree
+        raise NonFiniteRewards(f"step {step + 1}: every reward is NaN or infinite (the reward function could not "
+                               "score any completion); stopping instead of training on garbage")
+    metrics.update(policy_update(policy, batches, config, optimizer, reference_policy=reference_policy, context=context))
+    return rewards, metrics, records
+
+
+def sample_groups(policy: Policy, prompts: list[Prompt], config: GRPOConfig, *, step: int, first_position: int
+                  ) -> tuple[list[tuple[list[Prompt], Any]], float]:
+    """G completions for each prompt, in rollout chunks of `rollout_batch_prompts` prompts, each
+    chunk with its own derived seed; returns [(chunk prompts, Rollout)] and the sampling time."""
     from data.render import stop_sequences, stop_token_ids
 
     tokenizer = policy.tokenizer
-    group_size = config.group_size
     sampling = SamplingConfig(
-        group_size=group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+        group_size=config.group_size, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
         top_p=config.top_p, top_k=config.top_k, min_new_tokens=config.min_new_tokens,
     )
     stops = stop_token_ids(tokenizer)
     pad_id = pad_token_id(tokenizer, stops[0])
-    chunks, records, component_rows = [], [], []
-    rollout_tokens, rollout_time = 0, 0.0
+    chunks, rollout_time = [], 0.0
     with distributed.gathered_for_rollout(policy.model):  # FSDP: ranks run different numbers of passes
         for start, end in rollout_chunks(first_position, first_position + len(prompts), config.rollout_batch_prompts):
             chunk = prompts[start - first_position:end - first_position]
@@ -140,39 +177,55 @@ def rollout_and_score(
                 stop_token_ids=stops, stop_sequences=stop_sequences(tokenizer), generator=generator,
             )
             rollout_time += time.perf_counter() - began
-            rollout_tokens += int(rollout.completion_mask.sum())
             chunks.append((chunk, rollout))
+    return chunks, rollout_time
 
-    # Score everything in one batched call (one similarity-model call per step and rank).
+
+def score_completions(tokenizer: Any, chunks: list[tuple[list[Prompt], Any]],
+                      reward_fn: Callable[[list[str], list[dict]], list[Any]]
+                      ) -> tuple[list[str], list[Any], list[Any]]:
+    """Every completion's text (final stop token dropped), target and reward, the rewards in one
+    batched call (one similarity-model call per step and rank)."""
+    from data.render import stop_token_ids
+
+    stops = set(stop_token_ids(tokenizer))
     texts, targets = [], []
     for chunk, rollout in chunks:
-        flat_ids = rollout.completion_ids.flatten(0, 1)
-        flat_mask = rollout.completion_mask.flatten(0, 1)
-        for row, text in enumerate(decode_completions(tokenizer, flat_ids, flat_mask, set(stops))):
+        group_size = rollout.completion_ids.shape[1]
+        flat_ids, flat_mask = rollout.completion_ids.flatten(0, 1), rollout.completion_mask.flatten(0, 1)
+        for row, text in enumerate(decode_completions(tokenizer, flat_ids, flat_mask, stops)):
             texts.append(text)
             targets.append(chunk[row // group_size].sample.target)
-    results = reward_fn(texts, targets)
-    local_rewards = torch.tensor([r.total for r in results], dtype=torch.float32).view(len(prompts), group_size)
+    return texts, targets, reward_fn(texts, targets)
+
+
+def select_and_advantages(local_rewards: torch.Tensor, config: GRPOConfig, context: Distributed,
+                          first_position: int) -> tuple[torch.Tensor, torch.Tensor, dict[int, torch.Tensor]]:
+    """Gather every rank's rewards, keep the groups to train on, and normalise within groups.
+
+    local_rewards [b, G] (this rank's groups).  Returns the step's sampled rewards [B, G], the
+    kept groups' rewards, and {local group index: advantages [G]} for this rank's kept groups.
+    With --oversample K each rank keeps b / K of its groups, those whose rewards vary most.
+    """
     candidates = distributed.all_gather_rows(context, local_rewards)  # [B, G], every rank's groups in order
-    # --oversample: each rank keeps its share of the step's groups, those whose rewards vary most.
-    kept_count = len(prompts) // config.oversample
+    kept_count = local_rewards.shape[0] // config.oversample
     kept = (most_varied_groups(local_rewards, kept_count) if config.oversample > 1
-            else torch.arange(len(prompts)))
+            else torch.arange(local_rewards.shape[0]))
     rewards = distributed.all_gather_rows(context, local_rewards[kept]) if config.oversample > 1 else candidates
     advantages = group_advantages(rewards, scale=config.scale_rewards)
     first_kept = first_position // config.oversample  # ranks keep equal shares, in rank order
-    local_advantages = dict(zip(kept.tolist(), advantages[first_kept:first_kept + kept_count]))  # group -> [G]
+    return candidates, rewards, dict(zip(kept.tolist(), advantages[first_kept:first_kept + kept_count]))
 
-    batches = []
-    first = 0  # this rank's prompts before the current chunk
+
+def training_batches(chunks: list[tuple[list[Prompt], Any]], advantages: dict[int, torch.Tensor],
+                     config: GRPOConfig, device: torch.device) -> list[StepBatch]:
+    """The kept groups of each rollout chunk as one StepBatch: [prompt | completion] rows, the
+    completion mask, each row's advantage and, where comparable, the sampler's log-probs."""
+    batches, first = [], 0  # first: this rank's prompts before the current chunk
     for chunk, rollout in chunks:
-        b, g, t = rollout.completion_ids.shape
+        b, g, _ = rollout.completion_ids.shape
         completion_mask = rollout.completion_mask.flatten(0, 1)
-        finished = rollout.finished.flatten()
-        lengths = completion_mask.sum(-1)
-        for row in range(b * g):
-            records.append({"length": int(lengths[row]), "finished": bool(finished[row])})
-        groups = [i for i in range(b) if first + i in local_advantages]
+        groups = [i for i in range(b) if first + i in advantages]
         if groups:
             rows = torch.tensor([i * g + j for i in groups for j in range(g)])
             prompt_ids = rollout.prompt_ids[groups].repeat_interleave(g, dim=0)
@@ -182,25 +235,39 @@ def rollout_and_score(
                 input_ids=torch.cat([prompt_ids, completion_ids], dim=1).to(device),
                 attention_mask=torch.cat([prompt_mask, completion_mask[rows].long()], dim=1).to(device),
                 completion_mask=completion_mask[rows].float().to(device),
-                advantages=torch.cat([local_advantages[first + i] for i in groups]).to(device),
+                advantages=torch.cat([advantages[first + i] for i in groups]).to(device),
                 prompt_length=prompt_ids.shape[1], group_size=g,
                 sampling_logprobs=(rollout.sampling_logprobs.flatten(0, 1)[rows].to(device)
                                    if sampling_is_the_policy(config) else None),
             ))
         first += b
+    return batches
 
+
+def completion_records(chunks: list[tuple[list[Prompt], Any]], texts: list[str], targets: list[Any],
+                       results: list[Any]) -> list[dict[str, Any]]:
+    """One record per completion of this rank (length, finished, text, target, reward, components)."""
+    records = []
+    for chunk, rollout in chunks:
+        lengths = rollout.completion_mask.flatten(0, 1).sum(-1)
+        finished = rollout.finished.flatten()
+        records += [{"length": int(lengths[row]), "finished": bool(finished[row])} for row in range(lengths.shape[0])]
     for record, text, target, result in zip(records, texts, targets, results):
-        record.update(text=text, target=target, reward=result.total, components=dict(result.components), success=result.success)
-        component_rows.append(result.components)
+        record.update(text=text, target=target, reward=result.total, components=dict(result.components),
+                      success=result.success)
+    return records
 
-    # Sums (and maxima) over every rank's completions; the same keys on every rank.
+
+def rollout_metrics(records: list[dict[str, Any]], candidates: torch.Tensor, rewards: torch.Tensor,
+                    rollout_time: float, config: GRPOConfig, context: Distributed) -> dict[str, Any]:
+    """The step's rollout metrics: sums (and maxima) over every rank's completions."""
     local_sums: dict[str, float] = {
         "completions": len(records), "success": sum(r["success"] for r in records),
         "length": sum(r["length"] for r in records), "truncated": sum(not r["finished"] for r in records),
-        "tokens": rollout_tokens,
+        "tokens": sum(r["length"] for r in records),
     }
     for key in ("accuracy", "format", "length"):
-        values = [row[key] for row in component_rows if key in row]
+        values = [r["components"][key] for r in records if key in r["components"]]
         local_sums[f"component/{key}"], local_sums[f"component_count/{key}"] = sum(values), len(values)
     sums = distributed.all_reduce_numbers(context, local_sums)
     maxima = distributed.all_reduce_numbers(
@@ -222,7 +289,7 @@ def rollout_and_score(
     if config.oversample > 1:
         metrics["select/group_std_all"] = _mean_group_std(candidates)
         metrics["select/group_std_kept"] = _mean_group_std(rewards)
-    return batches, candidates, metrics, records
+    return metrics
 
 
 def _mean_group_std(rewards: torch.Tensor) -> float:
@@ -496,16 +563,14 @@ def _train(config: GRPOConfig, context: Distributed, device: torch.device,
                     group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps,
                                         total_steps=config.max_steps, schedule=config.lr_schedule)
                 first, last = distributed.shard_bounds(len(indices), context.rank, context.world_size)
-                batches, rewards, metrics, records = rollout_and_score(
-                    policy, [prompts[i] for i in indices[first:last]], config, step=step, reward_fn=reward_fn,
-                    device=device, first_position=first, context=context,
-                )
-                if not torch.isfinite(rewards).any():  # the rewards of every rank: all ranks agree
+                try:
+                    _, metrics, records = grpo_step(
+                        policy, [prompts[i] for i in indices[first:last]], config, optimizer, step=step,
+                        reward_fn=reward_fn, device=device, first_position=first, context=context,
+                        reference_policy=reference_policy)
+                except NonFiniteRewards as error:
                     save(step)
-                    raise SystemExit(f"step {step + 1}: every reward is NaN or infinite (the reward function could "
-                                     "not score any completion); stopping instead of training on garbage")
-                metrics.update(policy_update(policy, batches, config, optimizer, reference_policy=reference_policy,
-                                             context=context))
+                    raise SystemExit(str(error)) from None
                 metrics["lr"] = optimizer.param_groups[0]["lr"]
                 metrics["time/step_s"] = time.perf_counter() - began
                 if metrics["nonfinite_loss"]:
