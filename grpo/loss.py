@@ -17,16 +17,17 @@ eps_low (symmetric clipping; DAPO's "clip higher" sets it larger).
 The loss of one call is L = sum_{i,t} mask_it l_it / D_i, with n_i = sum_t mask_it and:
 
     "grpo"    : D_i = max(n_i, 1) * S      mean over each sequence's tokens, then over sequences
-    "bnpo"    : D_i = max(sum_i n_i, 1)    mean over all tokens of this call
+    "bnpo"    : D_i = M                    mean over all tokens of the batch (the optimizer step)
     "dr_grpo" : D_i = S * L_max            Dr. GRPO: a constant, no length normalisation
     "dapo"    : D_i = M                    DAPO: token mean over the whole optimizer step
 
 S = ``num_sequences`` (default N), L_max = ``max_completion_length`` (default T), M = ``num_items``
 (default max(sum_i n_i, 1)).  The trainer splits one optimizer step into micro-batches and sums
-their gradients; passing the step's totals as S (grpo, dr_grpo) and M (dapo), and the same L_max
-to every micro-batch, makes the summed losses and gradients equal those of one call on the whole
-step, for micro-batches of any sizes.  "bnpo" divides by the tokens of *this call* and so is not
-accumulation-invariant (TRL's "bnpo" is not either); use "dapo" for a token mean over the step.
+their gradients; passing the step's totals as S (grpo, dr_grpo) and M (bnpo, dapo), and the same
+L_max to every micro-batch, makes the summed losses and gradients equal those of one call on the
+whole step, for micro-batches of any sizes.  So "bnpo" (the batch's token mean) equals "dapo"
+here: the batch is the whole optimizer step.  TRL's "bnpo" divides by the tokens of each
+accumulation micro-batch instead, and so changes with the micro-batch size; ours does not.
 
 A sequence whose mask is all zero (a zero-length completion) contributes 0 to the numerator and
 still counts in S, so it dilutes "grpo" and "dr_grpo" exactly as TRL does; it never yields NaN.
@@ -203,8 +204,6 @@ def policy_loss(
     if loss_type == "grpo":
         per_sequence_mean = per_token_loss.sum(dim=1) / tokens_per_row.clamp(min=1.0)
         loss = per_sequence_mean.sum() / max(int(sequences_in_step), 1)
-    elif loss_type == "bnpo":
-        loss = per_token_loss.sum() / tokens_in_call.clamp(min=1.0)
     elif loss_type == "dr_grpo":
         length_budget = num_positions if max_completion_length is None else max_completion_length
         longest = int(tokens_per_row.max().item()) if num_rows else 0
@@ -214,7 +213,7 @@ def policy_loss(
                 f"{length_budget}; pass the generation budget as max_completion_length"
             )
         loss = per_token_loss.sum() / (max(int(sequences_in_step), 1) * max(int(length_budget), 1))
-    else:  # "dapo"
+    else:  # "dapo", "bnpo": the token mean of the whole step
         step_tokens = tokens_in_call.clamp(min=1.0) if num_items is None else float(num_items)
         loss = per_token_loss.sum() / step_tokens
 

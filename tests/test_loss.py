@@ -37,6 +37,7 @@ def tiny_example(dtype=torch.float64):
         ("grpo", {}, (-2.8 / 3 + 4.6 / 2) / 2),
         ("grpo", {"num_sequences": 4}, (-2.8 / 3 + 4.6 / 2) / 4),
         ("bnpo", {}, (-2.8 + 4.6) / 5),
+        ("bnpo", {"num_items": 9}, (-2.8 + 4.6) / 9),  # the step's tokens: the same as dapo
         ("dr_grpo", {}, (-2.8 + 4.6) / (2 * 3)),
         ("dr_grpo", {"max_completion_length": 4, "num_sequences": 3}, (-2.8 + 4.6) / (3 * 4)),
         ("dapo", {}, (-2.8 + 4.6) / 5),
@@ -119,8 +120,6 @@ def naive_loss(logprobs, advantages, mask, old_logprobs, ref_logprobs, beta, eps
     sequences = num_sequences if num_sequences is not None else rows
     if loss_type == "grpo":
         return sum(s / max(n, 1) for s, n in zip(sequence_sums, token_counts)) / sequences
-    if loss_type == "bnpo":
-        return total / max(sum(token_counts), 1)
     if loss_type == "dr_grpo":
         return total / (sequences * (max_completion_length or positions))
     return total / (num_items if num_items is not None else max(sum(token_counts), 1))
@@ -186,7 +185,7 @@ def micro_batches(tensors, boundaries):
     return parts
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
 @pytest.mark.parametrize("beta", [0.0, 0.04])
 def test_accumulation_equals_one_large_batch(loss_type, beta):
     logprobs, advantages, mask, old_logprobs, ref_logprobs = random_batch(seed=3, rows=7, positions=8)
@@ -213,8 +212,8 @@ def test_accumulation_equals_one_large_batch(loss_type, beta):
 
 
 def test_default_normalisers_are_not_accumulation_invariant():
-    # Without the step totals, and for "bnpo" always, micro-batches of unequal size do not add
-    # up to the large batch: this is the bug num_sequences / num_items exist for.
+    # Without the step totals, micro-batches of unequal size do not add up to the large batch:
+    # this is the bug num_sequences / num_items exist for.
     logprobs, advantages, mask, old_logprobs, _ = random_batch(seed=3, rows=7, positions=8)
     for loss_type in LOSS_TYPES:
         whole, _ = policy_loss(logprobs, advantages, mask, old_logprobs=old_logprobs, loss_type=loss_type,
