@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import importlib
 import json
 import sys
 import types
@@ -19,10 +20,19 @@ import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    tomllib = None  # type: ignore[assignment]
+
+
+def toml_parser() -> types.ModuleType | None:
+    """tomllib (Python >= 3.11), else the same parser from PyPI, tomli (a dependency on 3.10)."""
+    for name in ("tomllib", "tomli"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+tomllib = toml_parser()
 
 T = TypeVar("T")
 
@@ -104,7 +114,7 @@ def check_ranges(config: Any, *, at_least_one: tuple[str, ...] = (), non_negativ
 def load_toml(cls: type[T], path: str | Path) -> dict[str, Any]:
     """The fields set in a TOML file (top-level keys; dashes or underscores), checked against `cls`."""
     if tomllib is None:
-        raise ConfigError("--config needs Python >= 3.11 (tomllib)")
+        raise ConfigError("--config needs a TOML parser: Python >= 3.11 (tomllib) or `pip install tomli`")
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file {str(path)!r}")

@@ -18,7 +18,7 @@ With --init or --model (given as flags or in the --config file) this runs GRPO a
 Under torchrun every process takes an equal share of each step's prompts (--prompts-per-step
 must be a multiple of the number of processes) and rank 0 writes the run directory; see
 grpo/distributed.py and the README section "Multi-GPU and multi-node".  `--help` lists the GRPO
-flags; `--preset default --help` the pipeline's.
+flags, then the pipeline's (`--preset NAME --help` lists the pipeline's alone).
 """
 
 from __future__ import annotations
@@ -41,13 +41,24 @@ def _config_file_names_start(argv: list[str]) -> bool:
     if path is None:
         return False
     try:
-        import tomllib
+        from grpo.config import tomllib
 
         with open(path, "rb") as handle:
             keys = {key.replace("-", "_") for key in tomllib.load(handle)}
-    except (OSError, ValueError, ImportError):
+    except (OSError, ValueError, ImportError, AttributeError):  # AttributeError: no TOML parser
         return False  # the parser that reads the file reports the problem
     return bool(keys & {"init", "model"})
+
+
+def print_help() -> None:
+    """The GRPO flags (a run with --init or --model), then the pipeline's (a run without them)."""
+    from grpo.config import build_parser
+    from grpo.pipeline import PipelineConfig
+
+    print(build_parser(GRPOConfig, __doc__ or "").format_help())
+    pipeline = build_parser(PipelineConfig, "").format_help()
+    print("pipeline options (python -m grpo.train without --init or --model; grpo/pipeline.py):")
+    print(pipeline[pipeline.index("options:") + len("options:"):].lstrip("\n") if "options:" in pipeline else pipeline)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
 
         pipeline_main(argv)
         return
+    if flags & {"--help", "-h"}:
+        print_help()
+        raise SystemExit(0)  # as argparse's --help does
     config = parse_config(GRPOConfig, argv, description=__doc__)
     run_dir = train(config)
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, from rank 0

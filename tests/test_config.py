@@ -11,9 +11,13 @@ import dataclasses
 
 import pytest
 
+import eval.run
+import grpo.pipeline
 import grpo.train
 import sft.train
+from eval.run import EvalConfig
 from grpo.config import ConfigError, config_from_dict, load_toml, parse_config
+from grpo.pipeline import PipelineConfig
 from grpo.trainer import GRPOConfig
 from sft.trainer import SFTConfig
 
@@ -22,7 +26,9 @@ def flag_of(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-@pytest.mark.parametrize("entry_point, cls", [(grpo.train.main, GRPOConfig), (sft.train.main, SFTConfig)])
+@pytest.mark.parametrize("entry_point, cls", [(grpo.train.main, GRPOConfig), (grpo.train.main, PipelineConfig),
+                                              (grpo.pipeline.main, PipelineConfig), (sft.train.main, SFTConfig),
+                                              (eval.run.main, EvalConfig)])
 def test_help_lists_every_field_with_its_default(entry_point, cls, capsys, monkeypatch):
     monkeypatch.setenv("COLUMNS", "1000")  # argparse wraps help at the terminal width
     with pytest.raises(SystemExit) as exit_info:
@@ -33,6 +39,8 @@ def test_help_lists_every_field_with_its_default(entry_point, cls, capsys, monke
         assert flag_of(field.name) in text, field.name
         assert f"(default: {field.default!r}" in text, field.name
     assert "--config FILE.toml" in text
+    if entry_point is grpo.train.main:  # the GRPO flags and the pipeline's, in one --help
+        assert "--preset" in text and "--skip-eval" in text and "--prompts-per-step" in text
     if cls is GRPOConfig:
         assert "one of grpo, bnpo, dr_grpo, dapo" in text  # choices are shown, not only STR
         for name in ("out", "max_steps", "save_every", "seed", "resume", "init", "model"):  # names the issue fixes
@@ -123,3 +131,27 @@ def test_config_from_dict_round_trip():
     assert config_from_dict(GRPOConfig, {**dataclasses.asdict(config), "removed_field": 1}) == config
     with pytest.raises(ConfigError, match="removed_field"):
         config_from_dict(GRPOConfig, {"removed_field": 1}, strict=True)
+
+
+def test_config_files_on_python_3_10_use_tomli(monkeypatch, tmp_path):
+    """Python 3.10 has no tomllib: grpo.config falls back to the tomli package (a dependency there)."""
+    import sys
+    import types
+
+    import grpo.config
+
+    fake_tomli = types.ModuleType("tomli")
+    fake_tomli.TOMLDecodeError = ValueError
+    fake_tomli.load = lambda handle: {"max_steps": 7}
+    monkeypatch.setitem(sys.modules, "tomllib", None)  # import tomllib -> ImportError, as on 3.10
+    monkeypatch.setitem(sys.modules, "tomli", fake_tomli)
+    assert grpo.config.toml_parser() is fake_tomli
+    monkeypatch.setattr(grpo.config, "tomllib", fake_tomli)
+    path = tmp_path / "run.toml"
+    path.write_text("max_steps = 7\n")
+    assert parse_config(GRPOConfig, ["--config", str(path)]).max_steps == 7
+    monkeypatch.setitem(sys.modules, "tomli", None)  # neither parser: a clear error, not a crash
+    assert grpo.config.toml_parser() is None
+    monkeypatch.setattr(grpo.config, "tomllib", None)
+    with pytest.raises(ConfigError, match="pip install tomli"):
+        load_toml(GRPOConfig, path)
