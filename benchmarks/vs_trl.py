@@ -23,7 +23,9 @@ The work (identical on both sides):
   one iteration (mu = 1), loss "dapo" (TRL's default), group-scaled advantages, eps 0.2, AdamW,
   gradient clipping at 1.0.  OMP_WAIT_POLICY=PASSIVE on both sides (see `worker_env`).  TRL runs
   without gradient checkpointing (its GRPOConfig default is on; recomputing activations would
-  only slow it down here).
+  only slow it down here).  With a real model TRL trains its 32 rows as 4 accumulated
+  micro-batches of 8 (one group each: all 32 at once would keep about 24 GB of activations);
+  ours trains them in one micro-batch, each prompt computed once per group.
 - Reward: the same cheap deterministic function of the completion text on both sides (the
   reward is not what is measured; it only has to give the groups some spread).
 
@@ -235,6 +237,10 @@ def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path) -> None:
     bf16 = assets.get("dtype", "float32") == "bfloat16"
     per_step = assets.get("prompts_per_step", 2)
     model = AutoModelForCausalLM.from_pretrained(assets["model"], dtype=torch.bfloat16 if bf16 else torch.float32)
+    # The tiny model trains all 16 rows at once.  A real model's 32 rows of about 800 tokens would
+    # keep about 24 GB of activations without recomputation: TRL accumulates 4 micro-batches of 8
+    # (one group each; it still generates all 32 rows at once, in the first micro-step).
+    micro_batch = GROUP_SIZE * per_step if assets.get("model_name", "tiny") == "tiny" else GROUP_SIZE
     dataset = Dataset.from_list([{"prompt": prompt["text"]} for prompt in assets["prompts"]])
 
     def reward(completions: list[str], **kwargs: Any) -> list[float]:
@@ -255,8 +261,9 @@ def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path) -> None:
 
     turns = TakeTurns()
     config = GRPOConfig(
-        output_dir=str(workdir / "trl-out"), per_device_train_batch_size=GROUP_SIZE * per_step,
-        gradient_accumulation_steps=1, num_generations=GROUP_SIZE, max_completion_length=NEW_TOKENS,
+        output_dir=str(workdir / "trl-out"), per_device_train_batch_size=micro_batch,
+        gradient_accumulation_steps=GROUP_SIZE * per_step // micro_batch, num_generations=GROUP_SIZE,
+        max_completion_length=NEW_TOKENS,
         generation_kwargs={"min_new_tokens": NEW_TOKENS}, temperature=1.0, top_p=1.0, top_k=0,
         beta=0.0, num_iterations=1, loss_type=LOSS_TYPE, scale_rewards="group", epsilon=0.2,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
