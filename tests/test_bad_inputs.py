@@ -361,7 +361,9 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(tmp_path, monkeypatch
         seen.append(kwargs["trust_remote_code"])
         raise ValueError("stop here")
 
-    monkeypatch.setattr(grpo_trainer, "load_policy", record)  # sft uses grpo.trainer.load_start_policy too
+    import grpo.run
+
+    monkeypatch.setattr(grpo.run, "load_policy", record)  # sft uses grpo.run.load_start_policy too
     for module, cls in ((grpo_trainer, grpo_trainer.GRPOConfig), (sft_trainer, sft_trainer.SFTConfig)):
         for argv in ([], ["--trust-remote-code"]):
             config = parse_config(cls, ["--model", "some/model", "--out", str(tmp_path), *argv])
