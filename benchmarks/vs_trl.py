@@ -483,6 +483,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     env = worker_env(args.threads)
     me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(workdir), "--threads", str(args.threads)]
+    if args.side_only:
+        side_worker = Worker("side", [*me, "--worker", "side", "--repeats", str(args.repeats)], env,
+                             workdir / "side.log")
+        side = side_worker.receive("side")
+        side_worker.finish()
+        summary = {"command": " ".join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]]),
+                   "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "threads": args.threads, "model": args.model,
+                   "dtype": args.dtype, "prompts_per_step": per_step, "side": side,
+                   "load_average": {"start": load_at_start, "end": os.getloadavg()}}
+        (workdir / "results-side.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return summary
     workers = {
         "ours": Worker("ours", [*me, "--worker", "ours"], env, workdir / "ours.log"),
         "trl": Worker("trl", [*me, "--worker", "trl", "--steps", str(args.steps), "--warmup", str(args.warmup)],
@@ -524,6 +535,23 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     }
     (workdir / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def print_side(summary: dict[str, Any]) -> None:
+    side = summary["side"]
+    print(f"\nModel {summary.get('model', 'tiny')}, {summary.get('dtype', 'float32')}, {summary['threads']} threads")
+    print(f"Rollout, {side['rows']} rows x {side['new_tokens']} tokens (prompts {side['prompt_tokens']}):")
+    for name, rate in side["rollout_tokens_per_s"].items():
+        print(f"  {name:58}{rate:9.0f} tokens/s")
+    rates = side["rollout_tokens_per_s"]
+    print(f"  ours / transformers generate: {rates['ours'] / rates['transformers generate']:.2f}x")
+    positions, update = side["train_forward_positions"], side["train_update_s"]
+    print("Training forward + backward of one step (policy_update, prefix shared):")
+    print(f"  {positions['shared']} token positions in {update['shared']:.2f} s "
+          f"({positions['shared'] / update['shared']:.0f} positions/s)")
+    print(f"  training FLOP rate {side['train_flops_per_s'] / 1e9:.1f} GFLOP/s = "
+          f"{100 * side['train_share_of_peak']:.0f}% of this machine's {summary.get('dtype', 'float32')} matmul peak "
+          f"({side['matmul_peak_flops_per_s'] / 1e9:.1f} GFLOP/s, 2048^3 matmul, same process)")
 
 
 def print_report(summary: dict[str, Any]) -> None:
@@ -577,6 +605,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompts-per-step", type=int, default=0, help="prompts per step (0: 2 for tiny, 4 otherwise)")
     parser.add_argument("--workdir", default=None,
                         help="model, prompts, logs, results (default runs/bench-vs-trl, or runs/bench-vs-trl-MODEL-DTYPE)")
+    parser.add_argument("--side-only", action="store_true",
+                        help="only the side measurements (rollout vs generate, training FLOP rate), no TRL step")
     parser.add_argument("--worker", choices=("ours", "trl", "side"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workdir is None:
@@ -586,7 +616,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.steps, args.warmup, args.repeats = 3, 1, 2
     if args.worker is None:
-        print_report(compare(args))
+        summary = compare(args)
+        print_side(summary) if args.side_only else print_report(summary)
         return
 
     import torch
