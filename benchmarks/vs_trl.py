@@ -483,11 +483,15 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     load_at_start = os.getloadavg()
     env = worker_env(args.threads)
     me = [sys.executable, str(Path(__file__).resolve()), "--workdir", str(workdir), "--threads", str(args.threads)]
-    if args.side_only:
+    def side_measurements() -> dict[str, Any]:
         side_worker = Worker("side", [*me, "--worker", "side", "--repeats", str(args.repeats)], env,
                              workdir / "side.log")
         side = side_worker.receive("side")
         side_worker.finish()
+        return side
+
+    if args.side_only:
+        side = side_measurements()
         summary = {"command": " ".join(["python", "benchmarks/vs_trl.py", *sys.argv[1:]]),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "threads": args.threads, "model": args.model,
                    "dtype": args.dtype, "prompts_per_step": per_step, "side": side,
@@ -514,10 +518,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         peak_rss[name] = worker.receive("done")["peak_rss_mib"]
         worker.finish()
 
-    side_worker = Worker("side", [*me, "--worker", "side", "--repeats", str(args.repeats)], env,
-                         workdir / "side.log")
-    side = side_worker.receive("side")
-    side_worker.finish()
+    side = side_measurements()
 
     measured = {name: records[args.warmup:] for name, records in steps.items()}
     summary = {

@@ -53,9 +53,9 @@ from grpo.distributed import SINGLE, Distributed
 from grpo.flags import GRPOConfig
 from grpo.loss import policy_loss
 from grpo.policy import Policy, grouped_token_logprobs, pad_token_id, position_ids_from_mask, reference_mode, token_logprobs
-from grpo.prompts import Prompt, build_prompts, prompt_batches, trained_samples  # noqa: F401  (re-exported)
+from grpo.prompts import Prompt, build_prompts, prompt_batches
 from grpo.rollout import SamplingConfig, decode_completions, generate
-from grpo.run import RunStart, load_start_policy, open_run, plain_model  # noqa: F401  (re-exported)
+from grpo.run import load_start_policy, open_run
 from grpo.runtime import StopRequest, derived_seed, lr_at
 
 
@@ -264,8 +264,7 @@ def rollout_metrics(records: list[dict[str, Any]], candidates: torch.Tensor, rew
     local_sums: dict[str, float] = {
         "completions": len(records), "success": sum(r["success"] for r in records),
         "length": sum(r["length"] for r in records), "truncated": sum(not r["finished"] for r in records),
-        "tokens": sum(r["length"] for r in records),
-    }
+    }  # "length" sums generated tokens, stop tokens included: the rollout's token count
     for key in ("accuracy", "format", "length"):
         values = [r["components"][key] for r in records if key in r["components"]]
         local_sums[f"component/{key}"], local_sums[f"component_count/{key}"] = sum(values), len(values)
@@ -279,8 +278,8 @@ def rollout_metrics(records: list[dict[str, Any]], candidates: torch.Tensor, rew
         "completion/length_mean": sums["length"] / completions,
         "completion/length_max": maxima["length"],
         "completion/truncated_share": sums["truncated"] / completions,
-        "rollout/tokens": int(sums["tokens"]),
-        "rollout/tokens_per_s": sums["tokens"] / max(maxima["time"], 1e-9),
+        "rollout/tokens": int(sums["length"]),
+        "rollout/tokens_per_s": sums["length"] / max(maxima["time"], 1e-9),
         "time/rollout_s": maxima["time"],
     }
     for key in ("accuracy", "format", "length"):

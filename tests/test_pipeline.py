@@ -126,7 +126,7 @@ def test_a_preset_with_a_real_model_runs_every_stage(tmp_path, monkeypatch, tiny
     assert json.loads((out / "sft-base" / "config.json").read_text())["lora"] is True
     for stage in ("sft-base", "coldstart", "grpo"):
         assert json.loads((out / stage / "config.json").read_text())["format_prompt"] is True, stage
-    from grpo.trainer import trained_samples
+    from grpo.prompts import trained_samples
 
     assert all(sample.system.endswith(FORMAT_INSTRUCTIONS) for sample in trained_samples(out / "grpo"))
     tau_results = json.loads((out / "eval-tau" / "results.json").read_text())
