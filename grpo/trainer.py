@@ -53,7 +53,7 @@ from grpo.distributed import SINGLE, Distributed
 from grpo.flags import GRPOConfig
 from grpo.loss import policy_loss
 from grpo.policy import Policy, grouped_token_logprobs, pad_token_id, position_ids_from_mask, reference_mode, token_logprobs
-from grpo.prompts import Prompt, build_prompts, prompt_batches
+from grpo.prompts import Prompt, build_prompts, prompt_batches, trained_samples  # noqa: F401  (re-exported)
 from grpo.rollout import SamplingConfig, decode_completions, generate
 from grpo.run import load_start_policy, open_run
 from grpo.runtime import StopRequest, derived_seed, lr_at
