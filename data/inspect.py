@@ -31,7 +31,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from data.loaders import FORMATS, ON_ERROR, DataError, LoadStats, load_dataset
+from data.loaders import FORMATS, DataError, LoadStats, load_dataset
+from data.rows import ON_ERROR
 from data.samples import make_samples
 from data.types import Conversation, Sample
 

@@ -7,7 +7,7 @@ atomic token that is never split or merged: the chat tokens `<|endoftext|>`, `<|
 tokens are "special" (dropped by `decode(..., skip_special_tokens=True)`) while the tag tokens are
 ordinary added tokens (kept by that decode, since the reward parser needs them).  EOS is
 `<|im_end|>` (generation ends with the assistant turn), PAD is `<|endoftext|>`.  The tokenizer has
-no chat template, so `data.render` uses the project's own ChatML template with it.
+no chat template, so `data.chat_text` uses the project's own ChatML template with it.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def tokenizer_corpus(conversations: Iterable[Conversation]) -> Iterator[str]:
     """The texts to train the tokenizer on: each conversation rendered whole in the project's
     ChatML template, every assistant action as its completion (think block + action block), so
     that system prompts, tool schemas, JSON arguments and tags all shape the vocabulary."""
-    from data.render import chatml_conversation_text
+    from data.chat_text import chatml_conversation_text
 
     for conversation in conversations:
         yield chatml_conversation_text(conversation)

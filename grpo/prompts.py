@@ -26,7 +26,7 @@ def build_prompts(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None]
     """
     from data import load_dataset, make_samples
     from data.loaders import DataError
-    from data.render import ContextTooLong, render_prompt
+    from data.render import render_each, render_prompt
 
     try:
         conversations, stats = load_dataset(config.data, seed=config.seed, format=config.data_format)
@@ -34,17 +34,10 @@ def build_prompts(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None]
         raise SystemExit(f"--data {config.data}: {error}") from None
     samples = make_samples(conversations, strip_reasoning=True, format_instructions=config.format_prompt)
     without_action = sum(not any(turn.is_action for turn in conversation.turns) for conversation in conversations)
-    prompts, too_long, shortened = [], 0, 0
-    for sample in samples:
-        try:
-            rendered = render_prompt(sample, tokenizer, max_length=config.max_prompt_length)
-        except ContextTooLong as error:
-            too_long += 1
-            if too_long <= 3:
-                log(f"skipped prompt: {error}")
-            continue
-        shortened += rendered.dropped_turns > 0
-        prompts.append(Prompt(sample=sample, prompt_ids=rendered.input_ids))
+    rendered = render_each(samples, lambda sample: render_prompt(sample, tokenizer, max_length=config.max_prompt_length),
+                           log, log_prefix="skipped prompt")
+    prompts = [Prompt(sample=samples[index], prompt_ids=prompt.input_ids) for index, prompt in rendered.kept]
+    too_long, shortened = rendered.too_long, rendered.shortened
     log(
         f"data {config.data}: {len(conversations)} conversations ({without_action} without an assistant action), "
         f"{len(samples)} samples, {len(prompts)} prompts ({shortened} shortened, {too_long} skipped as too long "

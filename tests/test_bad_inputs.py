@@ -151,7 +151,8 @@ def test_tools_that_are_not_json_schemas_are_refused(tmp_path, tools, expected):
 
 
 def test_a_usable_tool_schema_and_no_parameters_are_accepted(tmp_path):
-    from data.loaders import load_conversations, parameters_schema_problem
+    from data.loaders import load_conversations
+    from data.rows import parameters_schema_problem
 
     tools = json.dumps([{"name": "find", "parameters": {"type": "object", "properties": {"id": {"type": "string"}},
                                                           "required": ["id"]}},

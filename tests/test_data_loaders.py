@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from data.loaders import DataError, detect_format, load_conversations, load_dataset, parse_apigen_rows
+from data.loaders import DataError, detect_format, load_conversations, load_dataset
+from data.source_apigen import parse_apigen_rows
 from data.samples import conversation_samples, make_samples, split_conversations
 from data.types import Conversation, Turn
 

@@ -1,4 +1,4 @@
-"""eval.run: command-line plumbing, evaluate() bookkeeping with a scripted sampler, and the CLI
+"""eval.run: command-line plumbing, eval.evaluate's bookkeeping with a scripted sampler, and the CLI
 end to end on a tiny random model."""
 
 from __future__ import annotations
@@ -9,11 +9,10 @@ import types
 
 import pytest
 
+from eval.evaluate import PromptJob, length_sorted_batches
 from eval.metrics import TABLE_COLUMNS, TurnRecord, aggregate
 from eval.run import (
-    PromptJob,
     gather_list_flags,
-    length_sorted_batches,
     parse_checkpoints,
     predictions_path,
     split_names,
@@ -129,7 +128,7 @@ def test_evaluate_bookkeeping_with_a_scripted_sampler(monkeypatch, tiny_tokenize
 
     import rewards
     from data.render import render_prompt, stop_token_ids
-    from eval.run import evaluate
+    from eval.evaluate import evaluate
 
     samples = list(test_samples)
     # One turn whose prompt cannot fit however much history is dropped: skipped and counted.
@@ -209,7 +208,8 @@ def test_evaluate_bookkeeping_with_a_scripted_sampler(monkeypatch, tiny_tokenize
 def tiny_models(tmp_path_factory, tiny_tokenizer):
     """A tiny random Qwen3 saved as a plain model, and a LoRA checkpoint on top of it (B = 0, so it
     must decode exactly like the base: a check that the lineage is merged, not ignored)."""
-    from grpo.policy import LoraSettings, TinyModelConfig, build_tiny_model, load_policy, save_base_model, save_policy
+    from grpo.policy import LoraSettings, load_policy, save_base_model, save_policy
+    from grpo.tiny import TinyModelConfig, build_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
     model = build_tiny_model(tiny_tokenizer, TinyModelConfig(hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1,
