@@ -48,11 +48,16 @@ MIN_ACTIONS, MAX_ACTIONS = 3, 10
 MAX_ATTEMPTS = 1000
 
 
-def generate_conversation(domain: Domain, rng: random.Random) -> list[dict[str, Any]]:
-    """One scripted conversation's APIGen entries, reasoning included on every assistant action."""
+def script_dialogue(domain: Domain, rng: random.Random) -> Dialogue:
+    """One scripted conversation: its entries, start and final databases, and the user's requests."""
     dialogue = Dialogue(domain, domain.make_db(rng), rng)
     domain.script(dialogue)
-    return dialogue.entries
+    return dialogue
+
+
+def generate_conversation(domain: Domain, rng: random.Random) -> list[dict[str, Any]]:
+    """One scripted conversation's APIGen entries, reasoning included on every assistant action."""
+    return script_dialogue(domain, rng).entries
 
 
 def _action_count(entries: list[dict[str, Any]]) -> int:
@@ -76,8 +81,8 @@ def _strip_reasoning(entries: list[dict[str, Any]], keep: int) -> list[dict[str,
 
 
 def _new_conversations(seed: int, split: str, domains: tuple[Domain, ...],
-                       seen: set[str]) -> Iterator[tuple[int, Domain, list[dict[str, Any]]]]:
-    """An endless stream of (index, domain, entries) for one split.
+                       seen: set[str]) -> Iterator[tuple[int, Domain, Dialogue]]:
+    """An endless stream of (index, domain, scripted dialogue) for one split.
 
     Conversation `index` comes from the first attempt whose random stream
     `Random(f"{seed}/{split}/{index}/{attempt}")` gives 3-10 assistant actions and a conversation not
@@ -87,15 +92,15 @@ def _new_conversations(seed: int, split: str, domains: tuple[Domain, ...],
         for attempt in range(MAX_ATTEMPTS):
             rng = random.Random(f"{seed}/{split}/{index}/{attempt}")
             domain = rng.choice(domains)
-            entries = generate_conversation(domain, rng)
-            key = _content_key(entries)
-            if MIN_ACTIONS <= _action_count(entries) <= MAX_ACTIONS and key not in seen:
+            dialogue = script_dialogue(domain, rng)
+            key = _content_key(dialogue.entries)
+            if MIN_ACTIONS <= _action_count(dialogue.entries) <= MAX_ACTIONS and key not in seen:
                 break
         else:
             raise RuntimeError(f"split {split!r} conversation {index}: no new valid conversation in "
                                f"{MAX_ATTEMPTS} attempts")
         seen.add(key)
-        yield index, domain, entries
+        yield index, domain, dialogue
 
 
 def _row(split: str, index: int, domain: Domain, entries: list[dict[str, Any]], keep_reasoning: int) -> dict[str, Any]:
@@ -103,33 +108,33 @@ def _row(split: str, index: int, domain: Domain, entries: list[dict[str, Any]], 
             "tools": domain.tools_json(), "conversations": _strip_reasoning(entries, keep_reasoning)}
 
 
-def _split_rows(seed: int, split: str, domains: tuple[Domain, ...], count: int, seen: set[str]) -> list[dict[str, Any]]:
+Scripted = tuple[dict[str, Any], Dialogue]  # a split row and the dialogue that produced it
+
+
+def _split_rows(seed: int, split: str, domains: tuple[Domain, ...], count: int, seen: set[str]) -> list[Scripted]:
     """`count` conversations without reasoning."""
     stream = _new_conversations(seed, split, domains, seen)
-    return [_row(split, index, domain, entries, 0) for index, domain, entries in itertools.islice(stream, count)]
+    return [(_row(split, index, domain, dialogue.entries, 0), dialogue)
+            for index, domain, dialogue in itertools.islice(stream, count)]
 
 
-def _coldstart_rows(seed: int, domains: tuple[Domain, ...], budget: int, seen: set[str]) -> list[dict[str, Any]]:
+def _coldstart_rows(seed: int, domains: tuple[Domain, ...], budget: int, seen: set[str]) -> list[Scripted]:
     """Conversations whose assistant actions keep their reasoning until `budget` actions carry
     some: every action of each conversation, and the first few of the last one."""
-    rows: list[dict[str, Any]] = []
+    rows: list[Scripted] = []
     stream = _new_conversations(seed, "coldstart", domains, seen)
     while budget > 0:
-        index, domain, entries = next(stream)
-        keep = min(_action_count(entries), budget)
-        rows.append(_row("coldstart", index, domain, entries, keep))
+        index, domain, dialogue = next(stream)
+        keep = min(_action_count(dialogue.entries), budget)
+        rows.append((_row("coldstart", index, domain, dialogue.entries, keep), dialogue))
         budget -= keep
     return rows
 
 
-def generate_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_ood: int = 200,
-                    n_coldstart: int = 100) -> dict[str, list[dict[str, Any]]]:
-    """All four splits as APIGen-MT rows; the same seed gives identical rows.
-
-    n_coldstart counts reasoning-annotated actions (not conversations) and must be <= 100 as in
-    the paper's cold-start stage.  Splits are generated in the order test, ood_test, coldstart,
-    train, and a later split skips conversations identical to an earlier one.
-    """
+def generate_dialogues(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_ood: int = 200,
+                       n_coldstart: int = 100) -> dict[str, list[Scripted]]:
+    """What `generate_splits` returns, each row paired with the `Dialogue` that scripted it (its
+    start and final databases and the user's requests, which the environment needs)."""
     for name, value in (("n_train", n_train), ("n_test", n_test), ("n_ood", n_ood), ("n_coldstart", n_coldstart)):
         if not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
@@ -141,6 +146,18 @@ def generate_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_ood
               "coldstart": _coldstart_rows(seed, IN_DOMAIN, n_coldstart, seen),
               "train": _split_rows(seed, "train", IN_DOMAIN, n_train, seen)}
     return {name: splits[name] for name in SPLIT_FILES}
+
+
+def generate_splits(seed: int = 0, n_train: int = 1000, n_test: int = 200, n_ood: int = 200,
+                    n_coldstart: int = 100) -> dict[str, list[dict[str, Any]]]:
+    """All four splits as APIGen-MT rows; the same seed gives identical rows.
+
+    n_coldstart counts reasoning-annotated actions (not conversations) and must be <= 100 as in
+    the paper's cold-start stage.  Splits are generated in the order test, ood_test, coldstart,
+    train, and a later split skips conversations identical to an earlier one.
+    """
+    dialogues = generate_dialogues(seed, n_train, n_test, n_ood, n_coldstart)
+    return {name: [row for row, _ in pairs] for name, pairs in dialogues.items()}
 
 
 def dumps_rows(rows: list[dict[str, Any]]) -> str:
@@ -166,5 +183,5 @@ def write_splits(out_dir: str | Path, seed: int = 0, **sizes: int) -> dict[str, 
     return paths
 
 
-__all__ = ["DOMAINS", "IN_DOMAIN", "OUT_OF_DOMAIN", "SPLIT_FILES", "generate_splits", "write_splits",
-           "generate_conversation", "dumps_rows"]
+__all__ = ["DOMAINS", "IN_DOMAIN", "OUT_OF_DOMAIN", "SPLIT_FILES", "generate_splits", "generate_dialogues",
+           "write_splits", "generate_conversation", "script_dialogue", "dumps_rows"]

@@ -19,7 +19,9 @@ generation time instead of teaching the model a wrong action:
   * a write tool needs the immediately preceding turn to be a user turn marked as a confirmation.
 
 Every assistant action is recorded with a written reasoning string; the split builder keeps it
-only for the cold-start split.
+only for the cold-start split.  `Dialogue` also notes, without drawing any random number, where
+each user request starts and every change it proposed with the user's yes or no: the environment
+(`data/synthetic/env.py`) turns these notes into the scripted user's goal.
 """
 
 from __future__ import annotations
@@ -161,6 +163,17 @@ class Domain:
 # ----------------------------------------------------------------------------- dialogue recorder
 
 
+@dataclass(frozen=True)
+class Proposal:
+    """A write the assistant proposed (`entry`: the index of its answer in the entries) and the
+    user's decision: `accepted` (a yes, then the write ran) or not (a no, nothing changed)."""
+
+    entry: int
+    tool: str
+    arguments: dict[str, Any]
+    accepted: bool
+
+
 class PolicyViolation(RuntimeError):
     """A scenario scripted an action the domain policy forbids, or bad reasoning (a generator bug)."""
 
@@ -174,6 +187,9 @@ class Dialogue:
 
     entries: `{"from": human|gpt|function_call|observation, "value": str}`; assistant actions also
     carry `"reasoning"` (dropped later outside the cold-start split).
+    start_db: the database before the first turn (`db` is replaced, never mutated, by writes).
+    request_starts: the index in `entries` where each user request (one intent of `converse`) begins.
+    proposals: every write the assistant proposed, with the user's answer.
     """
 
     domain: Domain
@@ -182,6 +198,16 @@ class Dialogue:
     entries: list[dict[str, Any]] = field(default_factory=list)
     authenticated: str | None = None  # the authenticated customer key, once verified
     _confirmed: bool = False  # the last entry is a user confirmation
+    start_db: Db = field(init=False)
+    request_starts: list[int] = field(default_factory=list)
+    proposals: list[Proposal] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.start_db = self.db
+
+    def begin_request(self) -> None:
+        """Mark that the next user turn opens a new request (a note for the environment, no turn)."""
+        self.request_starts.append(len(self.entries))
 
     # -- turns
 
@@ -266,7 +292,9 @@ def confirm_write(dlg: Dialogue, proposal: str, proposal_reasoning: str, write: 
     says yes (`yes_share` of the time: call the write tool, then answer with `report(result)`, a
     (text, reasoning) pair) or no (answer `declined`, no call)."""
     dlg.say(proposal, proposal_reasoning)
-    if dlg.rng.random() < yes_share:
+    accepted = dlg.rng.random() < yes_share
+    dlg.proposals.append(Proposal(len(dlg.entries) - 1, write[0], write[1], accepted))
+    if accepted:
         dlg.user(dlg.pick(YES), confirms=True)
         result = dlg.call(write[0], write[1], write_reasoning)
         text, reasoning = report(result)
@@ -288,10 +316,15 @@ def converse(dlg: Dialogue, openers: list[tuple[Intent, float]], followups: list
     """
     rng = dlg.rng
     intents, weights = zip(*openers)
-    rng.choices(intents, weights)[0](dlg, True)
+    intent = rng.choices(intents, weights)[0]
+    dlg.begin_request()
+    intent(dlg, True)
     intents, weights = zip(*followups)
     while dlg.action_count < 3 or (dlg.action_count <= soft_limit and rng.random() < more):
-        rng.choices(intents, weights)[0](dlg, False)
+        intent = rng.choices(intents, weights)[0]
+        dlg.begin_request()
+        intent(dlg, False)
     if rng.random() < 0.1 and dlg.action_count < 10:
+        dlg.begin_request()
         dlg.user(dlg.pick(THANKS))
         dlg.say(dlg.pick(GOODBYE), "The user has nothing else to ask, so I close the conversation politely.")
