@@ -86,7 +86,7 @@ def prepare_model(workdir: Path, model: str, seed: int = 0) -> str:
     """The model folder both sides load: the random-weight tiny Qwen3 (`tiny`), or a real model
     resolved as `grpo.train --model` resolves it (`smollm2` and .gguf files converted once)."""
     if model == "tiny":
-        from grpo.policy import TinyModelConfig
+        from grpo.tiny import TinyModelConfig
         from grpo.tiny import prepare_tiny_base
 
         model_config = TinyModelConfig(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=4,
@@ -394,7 +394,7 @@ def training_flops(model: Any, positions: int, completion_tokens: int) -> float:
     matmuls and the attention scores are left out (a lower bound)."""
     import torch
 
-    from grpo.policy import causal_lm_of
+    from grpo.hf_compat import causal_lm_of
 
     causal_lm = causal_lm_of(model)
     decoder_weights = sum(module.weight.numel() for name, module in causal_lm.get_decoder().named_modules()

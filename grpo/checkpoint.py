@@ -211,7 +211,8 @@ def restore_policy_weights(policy: Any, directory: str | Path) -> None:
 def _save_full_model(policy: Any, directory: Path, state_dict: dict[str, Any]) -> None:
     """save_policy for a model whose parameters are sharded: the gathered `state_dict` is written
     as `model/` (safetensors), with the tokenizer and a lineage that names it as the base."""
-    from grpo.policy import LINEAGE_FILE, MODEL_DIR, TOKENIZER_DIR, causal_lm_of
+    from grpo.hf_compat import causal_lm_of
+    from grpo.policy import LINEAGE_FILE, MODEL_DIR, TOKENIZER_DIR
 
     causal_lm_of(policy.model).save_pretrained(directory / MODEL_DIR, state_dict=state_dict, safe_serialization=True)
     policy.tokenizer.save_pretrained(directory / TOKENIZER_DIR)
@@ -302,7 +303,8 @@ def check_resume_compatible(checkpoint: str | Path, config: Any, policy: Any = N
     The trainers call it twice: before loading the model (settings only) and after.
     """
     from grpo.config import config_to_dict
-    from grpo.policy import ADAPTER_DIR, MODEL_DIR, causal_lm_of, read_lineage
+    from grpo.hf_compat import causal_lm_of
+    from grpo.policy import ADAPTER_DIR, MODEL_DIR, read_lineage
 
     checkpoint = Path(checkpoint)
     saved_path = checkpoint / "config.json"

@@ -299,7 +299,7 @@ def shard_model(context: Distributed, model: torch.nn.Module, device: torch.devi
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from grpo.policy import causal_lm_of
+    from grpo.hf_compat import causal_lm_of
 
     causal_lm = causal_lm_of(model)
     decoder, head = causal_lm.get_decoder(), causal_lm.get_output_embeddings()

@@ -38,8 +38,7 @@ from typing import Any
 from grpo.checkpoint import latest_checkpoint, write_json
 from grpo.config import config_to_dict, field, parse_config
 from grpo.models import resolve_model
-from grpo.policy import TinyModelConfig
-from grpo.tiny import prepare_tiny_base
+from grpo.tiny import TinyModelConfig, prepare_tiny_base
 
 # The real tau-bench airline conversations, evaluated where the shared folder sits beside the repository.
 TAU_AIRLINE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tau-bench-airline" / "trajectories.json"

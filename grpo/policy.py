@@ -1,10 +1,10 @@
-"""The policy layer: load a causal LM, attach LoRA, chain training stages, and score tokens.
+"""The policy layer: load a causal LM, attach LoRA, chain training stages, save checkpoints.
 
-Shared by `grpo`, `sft` and `eval`.  Four things live here:
+Shared by `grpo`, `sft` and `eval`.  Three things live here:
 
 1. Loading.  `load_base_model` opens any Hugging Face causal LM by hub name or local directory
-   (safetensors only, `trust_remote_code` off unless asked); `build_tiny_model` builds a small
-   random Qwen3 from a config for tests and `--model tiny`.
+   (safetensors only, `trust_remote_code` off unless asked); `grpo.tiny.build_tiny_model` builds
+   the small random Qwen3 of tests and `--model tiny`.
 
 2. Stage chaining.  A checkpoint written by `save_policy` holds `lineage.json`:
 
@@ -20,50 +20,26 @@ Shared by `grpo`, `sft` and `eval`.  Four things live here:
    `tokenizer/` and `lineage.json`.  Paths inside the checkpoint are stored relative to it, so the
    caller may write into a temporary directory and rename it afterwards.
 
-4. Scoring.  `token_logprobs` returns log pi(y_t | x, y_<t) of completion tokens at a sampling
-   temperature tau (logits divided by tau, as TRL does), projecting only the hidden states that
-   predict completion tokens onto the vocabulary.  `grouped_token_logprobs` returns the same
-   values for G completions of each prompt while running each prompt through the model once
-   (its completions attend to its keys and values): B*P + B*G*T tokens instead of B*G*(P + T).
-   The GRPO trainer uses it for every forward of a step (GRPOConfig.share_prefix, on by default)
-   on the families in `SHARED_PREFIX_MODEL_TYPES` with full attention in every layer; other
-   models get the unshared computation.
+Scoring tokens under a policy (`token_logprobs`, `grouped_token_logprobs`) lives in
+`grpo.logprobs`; what the code assumes about transformers models (the causal LM inside a
+PeftModel, the KV-cache keyword, positions under left padding, which families can share a
+prompt's keys and values) lives in `grpo.hf_compat`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from torch import Tensor
 
 LINEAGE_FILE = "lineage.json"
 ADAPTER_DIR = "adapter"
 MODEL_DIR = "model"
 TOKENIZER_DIR = "tokenizer"
-
-# Architectures whose logits are exactly `lm_head(decoder(...).last_hidden_state)` (no soft-capping,
-# no logit scaling).  For these `token_logprobs` runs the decoder and the head itself, which lets it
-# project (and chunk) only the positions it needs; any other model goes through its own forward
-# with `logits_to_keep`.
-PLAIN_HEAD_MODEL_TYPES: frozenset[str] = frozenset({
-    "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "olmo2",
-    "smollm3", "gpt_neox",
-})
-
-# Families whose attention layers pass the cache's keys and values to transformers' attention
-# interface and whose logits are plain (a subset of the above): the rollout and the training
-# forward can then share each prompt's keys and values among its G completions.
-SHARED_PREFIX_MODEL_TYPES: frozenset[str] = frozenset({
-    "llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe", "phi3", "olmo2", "smollm3",
-})
-GROUPED_PREFIX_ATTENTION = "grpo_grouped_prefix"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -99,20 +75,6 @@ class LoraSettings:
         if not self.target_modules:
             raise ValueError("LoraSettings.target_modules is empty")
         self.target_modules = tuple(self.target_modules)
-
-
-@dataclass
-class TinyModelConfig:
-    """A small Qwen3-architecture model (random weights) for tests and `--model tiny`."""
-
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 384
-    max_position_embeddings: int = 2048
-    head_dim: int | None = None  # None: hidden_size // num_heads
-    tie_word_embeddings: bool = True
 
 
 @dataclass
@@ -154,73 +116,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None, device: str | torch.device, 
     return DTYPES[dtype]
 
 
-def causal_lm_of(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers causal LM inside `model` (a PeftModel's base model keeps its LoRA layers)."""
-    get_base_model = getattr(model, "get_base_model", None)
-    return get_base_model() if callable(get_base_model) else model
-
-
-def cache_argument(module: torch.nn.Module, cache: Any) -> dict[str, Any]:
-    """The keyword that passes a KV cache to `module.forward`: `cache` in transformers releases
-    that renamed it (5.2x, where `past_key_values` is deprecated and due to go in 5.40), else
-    `past_key_values`."""
-    return {_cache_keyword(type(module)): cache}
-
-
-@functools.cache
-def _cache_keyword(module_type: type) -> str:
-    parameters = inspect.signature(module_type.forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
-
-
-def position_ids_from_mask(attention_mask: Tensor) -> Tensor:
-    """Positions that count only real tokens: for mask [0, 0, 1, 1, 1] -> [0, 0, 0, 1, 2].
-
-    Left padding therefore does not shift a prompt's rotary positions; pad positions get 0 (they
-    are masked out as keys and their outputs are never read).
-    """
-    return (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-
-
 # ----------------------------------------------------------------------------------------------
 # Loading models
 # ----------------------------------------------------------------------------------------------
-
-
-def build_tiny_model(tokenizer: Any, config: TinyModelConfig = TinyModelConfig(), *, seed: int = 0):
-    """A randomly initialised `Qwen3ForCausalLM` whose vocabulary is the tokenizer's.
-
-    The weights depend only on `seed`; the global torch RNG is left untouched.
-    """
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    if config.hidden_size % config.num_heads and config.head_dim is None:
-        raise ValueError(f"hidden_size {config.hidden_size} is not divisible by num_heads {config.num_heads}; set head_dim")
-    if config.num_heads % config.num_kv_heads:
-        raise ValueError(f"num_heads {config.num_heads} is not a multiple of num_kv_heads {config.num_kv_heads}")
-    eos_token_id = tokenizer.eos_token_id
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_token_id
-    qwen3_config = Qwen3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_kv_heads,
-        intermediate_size=config.intermediate_size,
-        max_position_embeddings=config.max_position_embeddings,
-        head_dim=config.head_dim or config.hidden_size // config.num_heads,
-        tie_word_embeddings=config.tie_word_embeddings,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = Qwen3ForCausalLM(qwen3_config)
-    model.generation_config.eos_token_id = eos_token_id
-    model.generation_config.pad_token_id = pad_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model
 
 
 def load_base_model(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
@@ -452,288 +350,3 @@ def reference_mode(policy: Policy) -> Iterator[None]:
                            "frozen copy of the starting model for the KL reference instead")
     with policy.model.disable_adapter():
         yield
-
-
-# ----------------------------------------------------------------------------------------------
-# Token log-probabilities
-# ----------------------------------------------------------------------------------------------
-
-
-def _logprobs_and_entropy(logits: Tensor, targets: Tensor, temperature: float,
-                          want_entropy: bool) -> tuple[Tensor, Tensor | None]:
-    """log softmax(z / tau)[y] = z_y / tau - logsumexp(z / tau), in fp32, without a [.., V] log-softmax.
-
-    Entropy H = logsumexp(z') - sum_v p_v z'_v (z' = z / tau) is a diagnostic and carries no gradient.
-    """
-    scaled = logits.float()
-    if temperature != 1.0:
-        scaled = scaled / temperature
-    log_normaliser = torch.logsumexp(scaled, dim=-1)
-    logprobs = scaled.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - log_normaliser
-    entropy = None
-    if want_entropy:
-        with torch.no_grad():
-            probs = torch.softmax(scaled.detach(), dim=-1)
-            entropy = log_normaliser.detach() - (probs * scaled.detach()).sum(-1)
-    return logprobs, entropy
-
-
-def token_logprobs(model: torch.nn.Module, input_ids: Tensor, attention_mask: Tensor, *, completion_start: int,
-                   temperature: float = 1.0, position_ids: Tensor | None = None, return_entropy: bool = False,
-                   chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """Log-probabilities [N, T] of the tokens `input_ids[:, completion_start:]` (T = L - completion_start).
-
-    logp[n, t] = log softmax(z[n, completion_start + t - 1] / temperature)[input_ids[n, completion_start + t]]
-
-    Only the hidden states at positions completion_start - 1 .. L - 2 are projected onto the
-    vocabulary, so at most [N, T, V] logits exist at once, and [N, chunk_size, V] when
-    `chunk_size` is set (then, with gradients on, each chunk's logits are recomputed in the
-    backward pass instead of being stored).  `position_ids` default to positions that count only
-    real tokens (left padding safe).  Works on a PeftModel (LoRA active unless inside
-    `reference_mode`) and on a plain model.  With `return_entropy`, also the per-token entropy of
-    the same distribution (detached).  Values at masked positions are computed but meaningless.
-    """
-    if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
-        raise ValueError(f"input_ids and attention_mask must both be [N, L]; got {tuple(input_ids.shape)} "
-                         f"and {tuple(attention_mask.shape)}")
-    sequence_length = input_ids.shape[1]
-    if not 1 <= completion_start <= sequence_length:
-        raise ValueError(f"completion_start must be in [1, {sequence_length}] (at least one prompt token), "
-                         f"got {completion_start}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    if chunk_size is not None and chunk_size <= 0:
-        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    if position_ids is None:
-        position_ids = position_ids_from_mask(attention_mask)
-    targets = input_ids[:, completion_start:]
-
-    causal_lm = causal_lm_of(model)
-    if getattr(causal_lm.config, "model_type", None) not in PLAIN_HEAD_MODEL_TYPES:
-        # Unknown head (soft-capping, scaling, ...): let the model compute its own logits.
-        keep = torch.arange(completion_start - 1, sequence_length - 1, device=input_ids.device)
-        logits = causal_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                           use_cache=False, logits_to_keep=keep).logits
-        logprobs, entropy = _logprobs_and_entropy(logits, targets, temperature, return_entropy)
-        return (logprobs, entropy) if return_entropy else logprobs
-
-    hidden = causal_lm.get_decoder()(input_ids=input_ids, attention_mask=attention_mask,
-                                     position_ids=position_ids, use_cache=False).last_hidden_state
-    hidden = hidden[:, completion_start - 1: sequence_length - 1]
-    return _score_hidden(causal_lm, hidden, targets, temperature, return_entropy, chunk_size)
-
-
-def _score_hidden(causal_lm: torch.nn.Module, hidden: Tensor, targets: Tensor, temperature: float,
-                  return_entropy: bool, chunk_size: int | None) -> Tensor | tuple[Tensor, Tensor]:
-    """Log-probs [N, T] (and entropies) of `targets` [N, T] from the hidden states [N, T, H] that
-    predict them, through the model's output head, `chunk_size` positions at a time (each chunk's
-    logits recomputed in the backward pass when gradients are on)."""
-    lm_head = causal_lm.get_output_embeddings()
-    num_targets = targets.shape[1]
-
-    def score(hidden_chunk: Tensor, target_chunk: Tensor) -> tuple[Tensor, Tensor | None]:
-        return _logprobs_and_entropy(lm_head(hidden_chunk), target_chunk, temperature, return_entropy)
-
-    step = chunk_size or max(num_targets, 1)
-    recompute = chunk_size is not None and torch.is_grad_enabled() and hidden.requires_grad
-    logprob_chunks, entropy_chunks = [], []
-    for start in range(0, num_targets, step):
-        hidden_chunk, target_chunk = hidden[:, start:start + step], targets[:, start:start + step]
-        if recompute:
-            from torch.utils.checkpoint import checkpoint
-
-            chunk_logprobs, chunk_entropy = checkpoint(score, hidden_chunk, target_chunk, use_reentrant=False)
-        else:
-            chunk_logprobs, chunk_entropy = score(hidden_chunk, target_chunk)
-        logprob_chunks.append(chunk_logprobs)
-        entropy_chunks.append(chunk_entropy)
-    if not logprob_chunks:  # T == 0
-        empty = hidden.new_zeros(targets.shape[0], 0, dtype=torch.float32)
-        return (empty, empty.clone()) if return_entropy else empty
-    logprobs = torch.cat(logprob_chunks, dim=1) if len(logprob_chunks) > 1 else logprob_chunks[0]
-    if not return_entropy:
-        return logprobs
-    entropy = torch.cat(entropy_chunks, dim=1) if len(entropy_chunks) > 1 else entropy_chunks[0]
-    return logprobs, entropy
-
-
-# ----------------------------------------------------------------------------------------------
-# Shared-prefix log-probabilities: each prompt computed once for its group of completions
-# ----------------------------------------------------------------------------------------------
-
-
-class _PromptPrefix:
-    """The prompts' keys and values (one copy per prompt, with their autograd history) and the
-    masks the completion tokens attend with; reaches the attention function as the keyword
-    `prompt_prefix`.  Deliberately not a dataclass: FSDP rebuilds dataclass and list keyword
-    arguments before each layer's forward, and `calls` must count on the caller's object."""
-
-    def __init__(self, keys: list[Tensor], values: list[Tensor], prompt_mask: Tensor, completion_mask: Tensor,
-                 group_size: int) -> None:
-        self.keys = keys  # per layer [B, kv_heads, P, head_dim]
-        self.values = values  # per layer [B, kv_heads, P, head_dim]
-        self.prompt_mask = prompt_mask  # [B, P] bool, True on real prompt tokens
-        self.completion_mask = completion_mask  # [B*G, T'] bool, True on real completion tokens (own keys)
-        self.group_size = group_size
-        self.calls = 0  # attention calls served: one per layer when the model routes attention here
-
-
-def supports_shared_prefix(model: torch.nn.Module) -> bool:
-    """Whether `grouped_token_logprobs` (and the rollout) can share prompt keys and values for this
-    model: a decoder-only family known to route attention through transformers' attention
-    interface and to compute logits as `lm_head(hidden)`, with full (not sliding-window)
-    attention in every layer."""
-    config = causal_lm_of(model).config
-    if getattr(config, "model_type", None) not in SHARED_PREFIX_MODEL_TYPES:
-        return False
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None:
-        return all(layer_type == "full_attention" for layer_type in layer_types)
-    return getattr(config, "sliding_window", None) is None
-
-
-def grouped_prefix_attention(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
-                             attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
-                             prompt_prefix: _PromptPrefix | None = None, **kwargs: Any) -> tuple[Tensor, None]:
-    """Attention of completion tokens over [their prompt | their own completion so far].
-
-    query [B*G, heads, T', d]; key/value [B*G, kv_heads, T', d]: the completions' own tokens (row
-    b*G + g is sample g of prompt b); the prompts' keys/values [B, kv_heads, P, d] come in
-    `prompt_prefix`.  Completion token t of a row sees the real tokens of its prompt and its own
-    real tokens 0..t (the `attention_mask` argument is unused).  Returns [B*G, T', heads, d].
-
-    Each row's keys are [prompt keys ; own keys], built by one concatenation from a broadcast view
-    of the prompt's (no second prompt forward, and the gradient of all G copies sums into the one
-    prompt forward), then a fused `scaled_dot_product_attention` with a boolean mask.  The copy
-    is G * P * kv_heads * d per layer, small beside the G * P tokens of activations it replaces,
-    and the fused kernel stores no [T', P + T'] score matrix for the backward pass.
-    """
-    prefix = prompt_prefix
-    if not isinstance(prefix, _PromptPrefix):
-        raise RuntimeError("grouped_prefix_attention needs the prompt_prefix keyword (see grouped_token_logprobs)")
-    prefix.calls += 1
-    rows, heads, length, head_dim = query.shape
-    kv_heads = key.shape[1]
-    prompt_keys, prompt_values = prefix.keys[module.layer_idx], prefix.values[module.layer_idx]
-    num_prompts, group_size, prompt_length = prompt_keys.shape[0], prefix.group_size, prompt_keys.shape[2]
-    # The CPU kernel handles grouped-query heads itself; CUDA kernels with a mask would fall back to
-    # the unfused path, so there every kv head is repeated for the query heads it serves.
-    repeats = 1 if query.device.type == "cpu" else heads // kv_heads
-
-    def rows_of(prompt_part: Tensor, own_part: Tensor) -> Tensor:  # -> [B*G, kv_heads * repeats, P + T', d]
-        prompt_part = prompt_part[:, None, :, None].expand(num_prompts, group_size, kv_heads, repeats,
-                                                           prompt_length, prompt_part.shape[-1])
-        own_part = own_part.reshape(num_prompts, group_size, kv_heads, 1, length, own_part.shape[-1]).expand(
-            -1, -1, -1, repeats, -1, -1)
-        joined = torch.cat([prompt_part, own_part], dim=4)
-        return joined.view(rows, kv_heads * repeats, prompt_length + length, joined.shape[-1])
-
-    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
-    own_visible = causal[None] & prefix.completion_mask[:, None, :]  # [B*G, T', T']
-    prompt_visible = prefix.prompt_mask.repeat_interleave(group_size, dim=0)[:, None, :].expand(rows, length, -1)
-    mask = torch.cat([prompt_visible, own_visible], dim=-1)[:, None]  # [B*G, 1, T', P + T']
-    output = torch.nn.functional.scaled_dot_product_attention(
-        query, rows_of(prompt_keys, key), rows_of(prompt_values, value), attn_mask=mask, dropout_p=dropout,
-        scale=scaling, enable_gqa=repeats * kv_heads != heads)
-    return output.transpose(1, 2).contiguous(), None
-
-
-@contextlib.contextmanager
-def _attention_implementation(config: Any, name: str) -> Iterator[None]:
-    previous = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = previous
-
-
-def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, completion_ids: Tensor,
-                           completion_mask: Tensor, *, temperature: float = 1.0, return_entropy: bool = False,
-                           chunk_size: int | None = None) -> Tensor | tuple[Tensor, Tensor]:
-    """Log-probabilities [B, G, T] of G completions per prompt, computing each prompt once.
-
-    logp[b, g, t] = log softmax(z / temperature)[completion_ids[b, g, t]], z the logits after
-    prompt b (left-padded, `prompt_mask` [B, P]) and completion tokens 0..t-1 of sample g.  This
-    equals `token_logprobs` on the G rows [prompt_b ; completion_bg] (same positions, same masks),
-    but runs about B*P + B*G*T tokens through the model instead of B*G*(P + T):
-
-    1. The prompts go through the decoder once, with gradient when it is on (LoRA changes the
-       prompts' keys and values), keeping every layer's keys and values.  The hidden state of a
-       prompt's last token predicts the first completion token of all its G samples.
-    2. The completions (tokens 0..T-2; the last one predicts nothing) go through the decoder as
-       B*G rows at positions prompt_length + 0, 1, ...  In each layer `grouped_prefix_attention`
-       lets them attend to [their prompt's keys and values ; their own], so the gradient of every
-       completion's attention flows back into the one prompt forward (autograd sums the G
-       contributions).
-
-    completion_mask [B, G, T]: 1 on real tokens.  Completion keys where it is 0 are hidden and
-    positions count only real tokens, exactly as in `token_logprobs`.  Families outside
-    `supports_shared_prefix` are computed the unshared way (rows repeated), with the same result.
-    Values at masked positions are computed but meaningless; with `return_entropy`, also the
-    detached per-token entropy [B, G, T].
-    """
-    if prompt_ids.dim() != 2 or prompt_mask.shape != prompt_ids.shape:
-        raise ValueError(f"prompt_ids and prompt_mask must both be [B, P]; got {tuple(prompt_ids.shape)} and "
-                         f"{tuple(prompt_mask.shape)}")
-    if completion_ids.dim() != 3 or completion_mask.shape != completion_ids.shape:
-        raise ValueError(f"completion_ids and completion_mask must both be [B, G, T]; got "
-                         f"{tuple(completion_ids.shape)} and {tuple(completion_mask.shape)}")
-    if completion_ids.shape[0] != prompt_ids.shape[0]:
-        raise ValueError(f"{prompt_ids.shape[0]} prompts but completions for {completion_ids.shape[0]} "
-                         f"(completion_ids must be [B, G, T] with B = prompts)")
-    empty_prompts = (prompt_mask.sum(-1) == 0).nonzero().flatten()
-    if empty_prompts.numel():
-        raise ValueError(f"prompts {empty_prompts.tolist()[:10]} have no real token (prompt_mask all 0): the first "
-                         f"completion token must be conditioned on at least one")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
-    num_prompts, group_size, num_targets = completion_ids.shape
-    causal_lm = causal_lm_of(model)
-
-    if not supports_shared_prefix(causal_lm):
-        rows = num_prompts * group_size
-        input_ids = torch.cat([prompt_ids.repeat_interleave(group_size, dim=0), completion_ids.reshape(rows, -1)], 1)
-        attention_mask = torch.cat([prompt_mask.repeat_interleave(group_size, dim=0),
-                                    completion_mask.reshape(rows, -1).to(prompt_mask.dtype)], dim=1)
-        return _grouped(token_logprobs(model, input_ids, attention_mask, completion_start=prompt_ids.shape[1],
-                                       temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size),
-                        num_prompts, group_size)
-
-    from transformers import AttentionInterface, DynamicCache
-
-    decoder = causal_lm.get_decoder()
-    cache = DynamicCache(config=causal_lm.config)
-    prompt_hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                            position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
-                            **cache_argument(decoder, cache)).last_hidden_state
-    # The last prompt position is a real token (left padding): it predicts completion token 0.
-    last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_size, dim=0)  # [B*G, 1, H]
-    rows = num_prompts * group_size
-    flat_ids = completion_ids.reshape(rows, num_targets)
-    flat_mask = completion_mask.reshape(rows, num_targets)
-    hidden = last_prompt_hidden
-    if num_targets > 1:
-        inputs, input_mask = flat_ids[:, :-1], flat_mask[:, :-1].bool()
-        positions = prompt_mask.sum(-1).repeat_interleave(group_size)[:, None] + input_mask.long().cumsum(-1) - 1
-        prefix = _PromptPrefix(keys=[layer.keys for layer in cache.layers],
-                               values=[layer.values for layer in cache.layers],
-                               prompt_mask=prompt_mask.bool(), completion_mask=input_mask, group_size=group_size)
-        AttentionInterface.register(GROUPED_PREFIX_ATTENTION, grouped_prefix_attention)
-        with _attention_implementation(causal_lm.config, GROUPED_PREFIX_ATTENTION):
-            completion_hidden = decoder(input_ids=inputs, attention_mask=None, position_ids=positions.clamp(min=0),
-                                        use_cache=False, prompt_prefix=prefix).last_hidden_state
-        if prefix.calls != len(cache.layers):
-            raise RuntimeError(f"{type(causal_lm).__name__} did not route its attention through the shared-prefix "
-                               f"attention; compute log-probs with token_logprobs (share_prefix off)")
-        hidden = torch.cat([last_prompt_hidden, completion_hidden], dim=1)
-    return _grouped(_score_hidden(causal_lm, hidden, flat_ids, temperature, return_entropy, chunk_size),
-                    num_prompts, group_size)
-
-
-def _grouped(result: Tensor | tuple[Tensor, Tensor], num_prompts: int, group_size: int
-             ) -> Tensor | tuple[Tensor, Tensor]:
-    """[B*G, T] (or a pair of them) as [B, G, T]."""
-    if isinstance(result, tuple):
-        return tuple(part.view(num_prompts, group_size, -1) for part in result)  # type: ignore[return-value]
-    return result.view(num_prompts, group_size, -1)

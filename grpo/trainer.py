@@ -51,8 +51,10 @@ from grpo import distributed
 from grpo.checkpoint import check_resume_compatible, load_optimizer_state, restore_policy_weights, save_training_checkpoint
 from grpo.distributed import SINGLE, Distributed
 from grpo.flags import GRPOConfig
+from grpo.hf_compat import position_ids_from_mask
+from grpo.logprobs import grouped_token_logprobs, token_logprobs
 from grpo.loss import policy_loss
-from grpo.policy import Policy, grouped_token_logprobs, pad_token_id, position_ids_from_mask, reference_mode, token_logprobs
+from grpo.policy import Policy, pad_token_id, reference_mode
 from grpo.prompts import Prompt, build_prompts, prompt_batches, trained_samples  # noqa: F401  (re-exported)
 from grpo.rollout import SamplingConfig, decode_completions, generate
 from grpo.run import load_start_policy, open_run

@@ -33,7 +33,8 @@ from grpo import distributed
 from grpo.checkpoint import check_resume_compatible, load_optimizer_state, restore_policy_weights, save_training_checkpoint
 from grpo.config import check_ranges, field
 from grpo.distributed import SINGLE, Distributed
-from grpo.policy import LORA_TARGETS, PLAIN_HEAD_MODEL_TYPES, Policy, causal_lm_of, pad_token_id
+from grpo.hf_compat import PLAIN_HEAD_MODEL_TYPES, causal_lm_of
+from grpo.policy import LORA_TARGETS, Policy, pad_token_id
 from grpo.run import load_start_policy, open_run  # the same run setup and starting point as GRPO
 from grpo.runtime import StopRequest, derived_seed, lr_at
 

@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from grpo.policy import TinyModelConfig  # noqa: E402
+from grpo.tiny import TinyModelConfig  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 # The tiny model of the trainer tests (GRPO, SFT, bad inputs): they share one base directory.

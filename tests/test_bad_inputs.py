@@ -31,7 +31,8 @@ import torch
 import grpo.trainer as grpo_trainer
 import sft.trainer as sft_trainer
 from grpo.config import parse_config
-from grpo.policy import LoraSettings, build_tiny_model, load_policy, load_tokenizer, save_base_model
+from grpo.policy import LoraSettings, load_policy, load_tokenizer, save_base_model
+from grpo.tiny import build_tiny_model
 from rewards.score import RewardResult
 from tests.conftest import TRAINER_TINY_MODEL
 

@@ -29,7 +29,8 @@ import torch
 import grpo.train
 import grpo.trainer as trainer
 from grpo.checkpoint import latest_checkpoint
-from grpo.policy import LoraSettings, Policy, load_policy, read_lineage, reference_mode, token_logprobs
+from grpo.logprobs import token_logprobs
+from grpo.policy import LoraSettings, Policy, load_policy, read_lineage, reference_mode
 from rewards.score import RewardResult
 
 REPO = Path(__file__).resolve().parents[1]

@@ -19,7 +19,8 @@ from data.batching import collate
 from data.loaders import load_dataset
 from data.render import render, render_prompt, stop_token_ids
 from data.samples import make_samples
-from grpo.policy import LoraSettings, load_policy, token_logprobs
+from grpo.logprobs import token_logprobs
+from grpo.policy import LoraSettings, load_policy
 from grpo.rollout import SamplingConfig, generate
 from sft.trainer import masked_nll_sum
 

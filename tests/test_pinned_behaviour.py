@@ -35,7 +35,8 @@ import torch
 
 import grpo.trainer as trainer
 from grpo.config import parse_config
-from grpo.policy import load_policy, token_logprobs
+from grpo.logprobs import token_logprobs
+from grpo.policy import load_policy
 from rewards.score import RewardResult
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py

@@ -15,20 +15,19 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from grpo.hf_compat import position_ids_from_mask  # noqa: E402
+from grpo.logprobs import token_logprobs  # noqa: E402
 from grpo.policy import (  # noqa: E402
     LoraSettings,
     Policy,
-    TinyModelConfig,
-    build_tiny_model,
     load_policy,
     policy_from_model,
-    position_ids_from_mask,
     read_lineage,
     reference_mode,
     save_base_model,
     save_policy,
-    token_logprobs,
 )
+from grpo.tiny import TinyModelConfig, build_tiny_model  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 QWEN3_TOKENIZER = SHARED / "tokenizers" / "qwen3"

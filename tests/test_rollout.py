@@ -16,8 +16,10 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from grpo.policy import build_tiny_model, policy_from_model, token_logprobs  # noqa: E402
+from grpo.logprobs import token_logprobs  # noqa: E402
+from grpo.policy import policy_from_model  # noqa: E402
 from grpo.rollout import Rollout, SamplingConfig, filter_logits, generate, left_pad  # noqa: E402
+from grpo.tiny import build_tiny_model  # noqa: E402
 from tests.test_policy import QWEN3_TOKENIZER, SMALL_LORA, TINY, build_word_tokenizer, make_tokenizer  # noqa: E402
 
 PROMPT_LENGTHS = (3, 7, 12)
@@ -257,7 +259,7 @@ def test_top_k_samples_only_the_k_most_likely_tokens(word_tokenizer, word_model,
     input_ids = torch.cat([prompt_ids, rollout.completion_ids.reshape(-1, max_new_tokens)], dim=1)
     attention_mask = torch.cat([rollout.prompt_mask.repeat_interleave(group_size, dim=0),
                                 torch.ones_like(rollout.completion_ids.reshape(-1, max_new_tokens))], dim=1)
-    from grpo.policy import position_ids_from_mask
+    from grpo.hf_compat import position_ids_from_mask
 
     with torch.no_grad():
         logits = word_model(input_ids=input_ids, attention_mask=attention_mask,
@@ -382,7 +384,7 @@ def test_bad_inputs_raise_clear_errors(word_tokenizer, word_model):
 
 
 def test_common_prefix_length():
-    from grpo.rollout import common_prefix_length
+    from grpo.decoders import common_prefix_length
 
     assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
     # Each prompt keeps at least one token of its own: the prefill must end on it.
@@ -393,7 +395,7 @@ def test_common_prefix_length():
 
 
 def test_common_prefix_is_prefilled_once_and_changes_nothing(word_tokenizer, word_model):
-    from grpo.rollout import MIN_COMMON_PREFIX
+    from grpo.decoders import MIN_COMMON_PREFIX
 
     shared = random_prompts(len(word_tokenizer), lengths=[MIN_COMMON_PREFIX + 8], seed=5)[0]
     own_lengths = [3, 9, 1, 6]

@@ -1,4 +1,4 @@
-"""Tests for the shared-prefix training forward (grpo.policy.grouped_token_logprobs) and its use in
+"""Tests for the shared-prefix training forward (grpo.logprobs.grouped_token_logprobs) and its use in
 the trainer (GRPOConfig.share_prefix, whole-group micro-batches).
 
 The anchor: computing each prompt once and letting its G completions attend to its keys and values
@@ -22,10 +22,10 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpo.trainer as trainer  # noqa: E402
-from grpo.policy import (  # noqa: E402
-    LoraSettings, attach_lora, build_tiny_model, grouped_token_logprobs, policy_from_model, supports_shared_prefix,
-    token_logprobs,
-)
+from grpo.hf_compat import supports_shared_prefix  # noqa: E402
+from grpo.logprobs import grouped_token_logprobs, token_logprobs  # noqa: E402
+from grpo.policy import LoraSettings, attach_lora, policy_from_model  # noqa: E402
+from grpo.tiny import build_tiny_model  # noqa: E402
 from rewards.score import RewardResult  # noqa: E402
 from tests.test_policy import TINY, build_word_tokenizer  # noqa: E402
 
