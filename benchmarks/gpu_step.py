@@ -183,7 +183,10 @@ def run_ours(assets: dict[str, Any], workload: Workload, warmup: int, steps: int
     import torch
 
     from grpo.policy import LoraSettings, load_policy
-    from grpo.trainer import GRPOConfig, Prompt, policy_update, rollout_and_score
+    from grpo.flags import GRPOConfig
+    from grpo.prompts import Prompt
+    from grpo.step import rollout_and_score
+    from grpo.update import policy_update
     from rewards.score import RewardResult
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -34,7 +34,7 @@ How it is measured: each side runs in its own subprocess (so that its peak resid
 run one optimizer step while the other waits, alternating which side goes first.  A step is
 timed from its start (before sampling) to the end of the optimizer step: for TRL from its
 `on_step_begin` to its `on_step_end` callback (generation, scoring, loss, backward, optimizer);
-here `rollout_and_score` + `policy_update` of `grpo.trainer`, the body of the training loop.
+here `grpo.step.rollout_and_score` + `grpo.update.policy_update`, the body of the training loop.
 Logging is outside the timed region on both sides.  Reported: the median over the measured
 steps.  Then a third subprocess measures (a) rollout tokens/s of `grpo.rollout.generate` against
 transformers' `generate` on the same LoRA model and the same 16 rows, and (b) the training
@@ -190,16 +190,17 @@ def our_reward_fn(texts: list[str], targets: list[Any]) -> list[Any]:
 
 
 def our_prompts(assets: dict[str, Any]) -> list[Any]:
-    from grpo.trainer import Prompt
+    from grpo.prompts import Prompt
 
     return [Prompt(sample=SimpleNamespace(target=None), prompt_ids=prompt["ids"]) for prompt in assets["prompts"]]
 
 
 def run_ours(assets: dict[str, Any]) -> None:
-    """One optimizer step per "go": the body of grpo.trainer's loop (without logging)."""
+    """One optimizer step per "go": the body of grpo.trainer's loop, grpo.step.grpo_step (without logging)."""
     import torch
 
-    from grpo.trainer import policy_update, rollout_and_score
+    from grpo.step import rollout_and_score
+    from grpo.update import policy_update
 
     policy = load_our_policy(assets)
     per_step = assets.get("prompts_per_step", 2)
@@ -299,7 +300,8 @@ def run_side_measurements(assets: dict[str, Any], repeats: int) -> None:
 
     from data.render import stop_sequences, stop_token_ids
     from grpo.rollout import SamplingConfig, generate, left_pad
-    from grpo.trainer import policy_update, rollout_and_score
+    from grpo.step import rollout_and_score
+    from grpo.update import policy_update
 
     policy = load_our_policy(assets)
     tokenizer = policy.tokenizer

@@ -1,22 +1,39 @@
-"""What every trainer (GRPO and SFT) does around its loop: open or resume the run directory, and
-load the stage's starting policy."""
+"""What every trainer (GRPO and SFT) does around its step: the run.
+
+`TrainingRun` is the part of a training run that does not depend on what a step computes:
+
+    with TrainingRun(config, context, device, name="grpo") as run:   # open or resume the run directory
+        policy = run.load_policy()                                    # --init checkpoint or --model, LoRA
+        optimizer = run.prepare(policy)                               # resumed weights, FSDP or replicas, AdamW
+        for step in run.steps(max_steps):                             # stop signals, seeds, learning rate,
+            ...one step, ending in optimizer_step(...)...             #   progress bar, checkpoint cadence
+            run.count_bad_step(step, ok, ...)                         # the non-finite-step guard
+            run.logger.log(step + 1, metrics)
+        return run.finish()                                           # last checkpoint; stop message
+
+`optimizer_step` is the end of every step: gradients summed over ranks, clipped, one optimizer
+step, skipped (on every rank alike) when the loss or the gradient norm is not finite.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
 from grpo import distributed
-from grpo.checkpoint import check_resume_compatible, latest_checkpoint, remove_stale_temporaries, write_json
+from grpo.checkpoint import (check_resume_compatible, latest_checkpoint, load_optimizer_state, remove_stale_temporaries,
+                             restore_policy_weights, save_training_checkpoint, write_json)
 from grpo.config import config_to_dict
 from grpo.distributed import SINGLE, Distributed
 from grpo.models import ModelNotFound, needs_conversion, resolve_model
 from grpo.policy import LoraSettings, Policy, load_policy, model_dtype_device
-from grpo.runtime import RunLogger, resolve_dtype, seed_everything, trim_logs
+from grpo.runtime import RunLogger, StopRequest, derived_seed, lr_at, resolve_dtype, seed_everything, trim_logs
 
 
 def plain_model(config: Any, context: Distributed, log: Callable[[str], None]) -> str:
@@ -117,3 +134,152 @@ def open_run(config: Any, context: Distributed, device: torch.device) -> RunStar
     if resume_from is not None:
         check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
     return RunStart(run_dir, resume_from, state, start_step, logger, log, resolve_dtype(config.dtype, device))
+
+
+def optimizer_step(context: Distributed, params: list[torch.nn.Parameter], optimizer: torch.optim.Optimizer, *,
+                   max_grad_norm: float, loss_finite: bool) -> float:
+    """End a step: sum the gradients over ranks, clip them to `max_grad_norm` (0: no clipping) and
+    step the optimizer.  Returns the gradient norm before clipping.
+
+    A non-finite loss (`loss_finite` must be the same on every rank) or gradient norm (the same on
+    every rank once the gradients are summed) skips the update: the gradients are cleared and the
+    norm returned is NaN or infinite, so the caller can count the skipped step.
+    """
+    if not loss_finite:
+        optimizer.zero_grad(set_to_none=True)
+        return math.nan
+    distributed.sum_gradients(context, params)
+    # max_norm = inf only measures (the scale factor is exactly 1).
+    grad_norm = distributed.as_float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm or math.inf))
+    if not math.isfinite(grad_norm):
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm
+    optimizer.step()
+    return grad_norm
+
+
+class TrainingRun:
+    """One training run of SFT or GRPO around its step (see the module docstring for the shape).
+
+    `config` needs the fields `open_run` and `load_start_policy` read, plus fsdp, lr, lr_schedule,
+    warmup_steps, weight_decay, save_every, keep_checkpoints and max_bad_steps.  Attributes:
+    run_dir, resume_from, state (the resumed trainer state or None), start_step, logger, log,
+    dtype, policy and optimizer (after `prepare`), step (the first step not yet taken),
+    skipped_steps (non-finite steps so far, resumed), step_began (perf_counter at the current
+    step's start), progress (the tqdm bar, during `steps`), and checkpoint_extra (what the trainer
+    adds to every checkpoint's trainer state).
+    """
+
+    def __init__(self, config: Any, context: Distributed, device: torch.device, *, name: str) -> None:
+        start = open_run(config, context, device)
+        self.config, self.context, self.device, self.name = config, context, device, name
+        self.run_dir, self.resume_from, self.state, self.start_step = (
+            start.run_dir, start.resume_from, start.state, start.start_step)
+        self.logger, self.log, self.dtype = start.logger, start.log, start.dtype
+        self.step = self.start_step
+        self.skipped_steps = int(self.state.get("skipped_steps", 0)) if self.state is not None else 0
+        self.bad_steps = 0  # consecutive skipped steps
+        self.checkpoint_extra: dict[str, Any] = {}
+        self.policy: Policy | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.params: list[torch.nn.Parameter] = []
+        self.progress: Any = None
+        self.step_began = time.perf_counter()
+        self.stopping = False
+        self._stop = StopRequest()
+
+    def __enter__(self) -> "TrainingRun":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.__exit__()  # the signal handlers `steps` installed, if any
+        if self.progress is not None:
+            self.progress.close()
+        self.logger.close()
+
+    def load_policy(self) -> Policy:
+        """The stage's starting policy: --init (lineage merged) or --model, with a fresh LoRA."""
+        return load_start_policy(self.config, self.device, self.dtype, self.log, self.context)
+
+    def prepare(self, policy: Policy, *frozen: Policy) -> torch.optim.Optimizer:
+        """Make `policy` the trained one: a resumed run's weights restored (before sharding: every
+        rank reads the whole file), FSDP shards (of `frozen` copies too) or identical replicas, and
+        AdamW over the trainable parameters, with its resumed state."""
+        config, context = self.config, self.context
+        if self.resume_from is not None:
+            check_resume_compatible(self.resume_from, config, policy)
+            restore_policy_weights(policy, self.resume_from)
+        if config.fsdp:
+            for model in (policy, *frozen):
+                distributed.shard_model(context, model.model, self.device)
+        self.params = [p for p in policy.model.parameters() if p.requires_grad]
+        if not config.fsdp:
+            distributed.broadcast_parameters(context, self.params)  # replicas start identical
+        self.policy, self.optimizer = policy, torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        if self.state is not None:
+            load_optimizer_state(self.optimizer, self.state, model=policy.model)
+            self.log(f"resumed from {self.resume_from} at step {self.start_step}")
+        return self.optimizer
+
+    def steps(self, max_steps: int) -> Iterator[int]:
+        """Yield the steps start_step .. max_steps - 1 to take.
+
+        Before each: agree with every rank on a stop signal (SIGINT/SIGTERM finish the step, then
+        stop), seed torch from (seed, step, rank) (dropout), set the learning rate.  After each:
+        the progress bar, and a checkpoint every save_every steps (the last one is `finish`'s).
+        """
+        from tqdm.auto import tqdm
+
+        config, context = self.config, self.context
+        self.progress = tqdm(total=max_steps, initial=self.start_step, desc=self.name, dynamic_ncols=True,
+                             disable=not context.is_main)
+        with self._stop:
+            for step in range(self.start_step, max_steps):
+                # A signal may reach the ranks at different moments: stop together, after the same step.
+                self.stopping = distributed.any_rank(context, bool(self._stop))
+                if self.stopping:
+                    return
+                self.step_began = time.perf_counter()
+                torch.manual_seed(derived_seed(config.seed, step, context.rank))  # dropout, if any
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr_at(step, lr=config.lr, warmup_steps=config.warmup_steps, total_steps=max_steps,
+                                        schedule=config.lr_schedule)
+                yield step
+                self.step = step + 1
+                self.progress.update(1)
+                if config.save_every and self.step % config.save_every == 0 and self.step < max_steps:
+                    self.save(self.step)
+
+    def count_bad_step(self, step: int, ok: bool, problem: str, metrics: dict[str, Any], skipped_key: str) -> None:
+        """The non-finite-step guard: a skipped step (`ok` False, `problem` says why) is counted and
+        logged; --max-bad-steps of them in a row stop the run (their metrics logged first)."""
+        if ok:
+            self.bad_steps = 0
+            return
+        self.bad_steps += 1
+        self.skipped_steps += 1
+        self.log(f"step {step + 1}: {problem}, step skipped ({self.bad_steps} in a row)")
+        if self.bad_steps >= self.config.max_bad_steps:
+            self.logger.log(step + 1, {**metrics, skipped_key: self.skipped_steps})
+            raise SystemExit(f"stopping: {self.bad_steps} consecutive steps with a non-finite loss or gradient "
+                             f"(--max-bad-steps {self.config.max_bad_steps}); lower --lr, or see {self.run_dir}/log.txt")
+
+    def save(self, step: int) -> Path:
+        """A checkpoint of the policy, the optimizer and the trainer state after `step` steps."""
+        path = save_training_checkpoint(self.run_dir, step, policy=self.policy, optimizer=self.optimizer,
+                                        config=self.config,
+                                        extra={**self.checkpoint_extra, "skipped_steps": self.skipped_steps,
+                                               "world_size": self.context.world_size},
+                                        keep_last=self.config.keep_checkpoints, context=self.context)
+        self.log(f"checkpoint {path}")
+        return path
+
+    def finish(self) -> Path:
+        """The last checkpoint (a resume that took no step already has it); exit non-zero when a
+        signal stopped the run.  Returns the run directory."""
+        if self.step != self.start_step or self.resume_from is None:
+            self.save(self.step)
+        if self.stopping:
+            raise SystemExit(f"stopped by {self._stop.signal_name or 'a signal to another rank'} at step {self.step}; "
+                             f"resume with --resume --out {self.run_dir}")
+        return self.run_dir

@@ -28,7 +28,12 @@ from pathlib import Path
 import pytest
 import torch
 
+import grpo.prompts as prompts_mod
+import grpo.run as run_mod
+import grpo.step as step_mod
 import grpo.trainer as grpo_trainer
+import sft.data as sft_data
+import sft.loss as sft_loss
 import sft.trainer as sft_trainer
 from grpo.config import parse_config
 from grpo.policy import LoraSettings, load_policy, load_tokenizer, save_base_model
@@ -87,7 +92,7 @@ def apigen_row(tools="[]", turns=None) -> dict:
 def test_missing_data_file_stops_with_the_path(tmp_path, tiny_base, tokenizer):
     missing = tmp_path / "nowhere.json"
     with pytest.raises(SystemExit, match=re.escape(f"--data {missing}: {missing}: no such file")):
-        grpo_trainer.build_prompts(grpo_config(tiny_base, missing, tmp_path), tokenizer, quiet)
+        prompts_mod.build_prompts(grpo_config(tiny_base, missing, tmp_path), tokenizer, quiet)
     config = sft_trainer.SFTConfig(model=str(tiny_base), data=str(missing), out=str(tmp_path / "sft"), max_steps=1)
     with pytest.raises(SystemExit, match=re.escape(f"--data {missing}: {missing}: no such file")):
         sft_trainer.train(config)
@@ -95,11 +100,11 @@ def test_missing_data_file_stops_with_the_path(tmp_path, tiny_base, tokenizer):
 
 def test_missing_model_and_checkpoint_stop_naming_the_flag(tmp_path, small_data):
     with pytest.raises(SystemExit, match=r"--model .*nowhere-model: could not load a causal LM from"):
-        grpo_trainer.load_start_policy(grpo_config(tmp_path / "nowhere-model", small_data / "train.json", tmp_path),
+        run_mod.load_start_policy(grpo_config(tmp_path / "nowhere-model", small_data / "train.json", tmp_path),
                                        torch.device("cpu"), torch.float32, quiet)
     config = grpo_config(tmp_path, small_data / "train.json", tmp_path, model=None, init=str(tmp_path / "no-ckpt"))
     with pytest.raises(SystemExit, match=r"--init .*no-ckpt: .*not a policy checkpoint: lineage.json is missing"):
-        grpo_trainer.load_start_policy(config, torch.device("cpu"), torch.float32, quiet)
+        run_mod.load_start_policy(config, torch.device("cpu"), torch.float32, quiet)
 
 
 def test_unknown_data_format_is_refused_by_the_parser(capsys):
@@ -118,7 +123,7 @@ def test_unknown_data_format_is_refused_by_the_parser(capsys):
 def test_rows_with_missing_fields_name_the_row_and_field(tmp_path, tiny_base, tokenizer, rows, data_format, expected):
     path = write_rows(tmp_path / "bad.json", rows)
     with pytest.raises(SystemExit, match=re.escape(expected)):
-        grpo_trainer.build_prompts(grpo_config(tiny_base, path, tmp_path, data_format=data_format), tokenizer, quiet)
+        prompts_mod.build_prompts(grpo_config(tiny_base, path, tmp_path, data_format=data_format), tokenizer, quiet)
 
 
 def test_csv_without_a_required_column_lists_expected_and_found(tmp_path, tiny_base, tokenizer):
@@ -126,7 +131,7 @@ def test_csv_without_a_required_column_lists_expected_and_found(tmp_path, tiny_b
     path.write_text("conversation_id,speaker\n1,user\n")
     with pytest.raises(SystemExit, match=r"CSV header lacks content\. Expected columns -> .* Found columns: "
                                          r"conversation_id, speaker"):
-        grpo_trainer.build_prompts(grpo_config(tiny_base, path, tmp_path, data_format="almita"), tokenizer, quiet)
+        prompts_mod.build_prompts(grpo_config(tiny_base, path, tmp_path, data_format="almita"), tokenizer, quiet)
 
 
 @pytest.mark.parametrize("tools, expected", [
@@ -168,17 +173,17 @@ def test_conversations_without_an_assistant_turn_are_counted_and_none_at_all_sto
     no_action = apigen_row(turns=[{"from": "human", "value": "Hello?"}])
     only_bad = write_rows(tmp_path / "none.json", [no_action, no_action])
     with pytest.raises(SystemExit, match="no usable prompts \\(no conversation has an assistant action\\)"):
-        grpo_trainer.build_prompts(grpo_config(tiny_base, only_bad, tmp_path), tokenizer, quiet)
+        prompts_mod.build_prompts(grpo_config(tiny_base, only_bad, tmp_path), tokenizer, quiet)
 
     rows = json.loads((small_data / "train.json").read_text())[:2] + [no_action]
     messages = []
-    prompts = grpo_trainer.build_prompts(grpo_config(tiny_base, write_rows(tmp_path / "mixed.json", rows), tmp_path),
+    prompts = prompts_mod.build_prompts(grpo_config(tiny_base, write_rows(tmp_path / "mixed.json", rows), tmp_path),
                                          tokenizer, messages.append)
     assert prompts and "3 conversations (1 without an assistant action)" in messages[-1]
 
     config = sft_trainer.SFTConfig(data=str(only_bad), val_fraction=0.0)
     with pytest.raises(SystemExit, match="no training samples for stage 'base'"):
-        sft_trainer.prepare_data(config, tokenizer, quiet)
+        sft_data.prepare_data(config, tokenizer, quiet)
 
 
 def test_contexts_over_the_length_limit_are_skipped_and_counted(tmp_path, tiny_base, tokenizer, small_data):
@@ -186,16 +191,16 @@ def test_contexts_over_the_length_limit_are_skipped_and_counted(tmp_path, tiny_b
     huge = apigen_row(turns=[{"from": "human", "value": "please " * 3000}, {"from": "gpt", "value": "No."}])
     path = write_rows(tmp_path / "long.json", rows + [huge])
     messages = []
-    prompts = grpo_trainer.build_prompts(grpo_config(tiny_base, path, tmp_path), tokenizer, messages.append)
+    prompts = prompts_mod.build_prompts(grpo_config(tiny_base, path, tmp_path), tokenizer, messages.append)
     samples = int(re.search(r"(\d+) samples", messages[-1]).group(1))
     assert "1 skipped as too long even after dropping history" in messages[-1]
     assert len(prompts) == samples - 1 and all(len(p.prompt_ids) <= 1024 for p in prompts)
     assert any("prompt of" in message and "> max_length 1024" in message for message in messages)
     with pytest.raises(SystemExit, match="no usable prompts \\(all 1 exceed --max-prompt-length 1024\\)"):
-        grpo_trainer.build_prompts(grpo_config(tiny_base, write_rows(tmp_path / "one.json", [huge]), tmp_path),
+        prompts_mod.build_prompts(grpo_config(tiny_base, write_rows(tmp_path / "one.json", [huge]), tmp_path),
                                    tokenizer, quiet)
 
-    stats = sft_trainer.prepare_data(sft_trainer.SFTConfig(data=str(path), val_fraction=0.0), tokenizer, quiet).stats
+    stats = sft_data.prepare_data(sft_trainer.SFTConfig(data=str(path), val_fraction=0.0), tokenizer, quiet).stats
     assert stats["train_too_long"] == 1
 
 
@@ -265,13 +270,13 @@ def test_checkpoint_lineage_and_architecture_are_compared(one_step_run, tiny_bas
 def test_infinite_rewards_are_counted_and_get_advantage_zero(tmp_path, tiny_base, small_data):
     policy = load_policy(base=str(tiny_base), lora=LoraSettings(r=4, alpha=8))
     config = grpo_config(tiny_base, small_data / "train.json", tmp_path, group_size=4, max_new_tokens=3)
-    prompts = grpo_trainer.build_prompts(config, policy.tokenizer, quiet)[:2]
+    prompts = prompts_mod.build_prompts(config, policy.tokenizer, quiet)[:2]
     totals = [math.inf, 1.0, 2.0, 3.0, -math.inf, math.nan, 0.5, 0.5]
 
     def reward_fn(texts, targets):
         return [RewardResult(total=value, components={}, success=False, kind="answer") for value in totals]
 
-    batches, rewards, metrics, _ = grpo_trainer.rollout_and_score(
+    batches, rewards, metrics, _ = step_mod.rollout_and_score(
         policy, prompts, config, step=0, reward_fn=reward_fn, device=torch.device("cpu"))
     advantages = torch.cat([batch.advantages for batch in batches])
     # Group 1: inf unscored (0); the rest (1, 2, 3) has mean 2 and std 1.  Group 2: two equal scored rewards.
@@ -282,11 +287,11 @@ def test_infinite_rewards_are_counted_and_get_advantage_zero(tmp_path, tiny_base
 
 
 class PoisonedNll:
-    """sft.trainer.masked_nll_sum returning NaN during the given (1-based) optimizer steps."""
+    """sft.loss.masked_nll_sum returning NaN during the given (1-based) optimizer steps."""
 
     def __init__(self, steps: set[int], micro_per_step: int) -> None:
         self.steps, self.micro_per_step, self.calls = steps, micro_per_step, 0
-        self.original = sft_trainer.masked_nll_sum
+        self.original = sft_loss.masked_nll_sum
 
     def __call__(self, model, batch):
         nll, count = self.original(model, batch)
@@ -304,7 +309,7 @@ def sft_config(tiny_base: Path, small_data: Path, out: Path, **overrides) -> sft
 
 
 def test_sft_nan_loss_skips_the_step_and_k_in_a_row_stop(tmp_path, tiny_base, small_data, monkeypatch):
-    monkeypatch.setattr(sft_trainer, "masked_nll_sum", PoisonedNll({2}, micro_per_step=2))
+    monkeypatch.setattr(sft_loss, "masked_nll_sum", PoisonedNll({2}, micro_per_step=2))
     out = tmp_path / "skip"
     sft_trainer.train(sft_config(tiny_base, small_data, out))
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -313,7 +318,7 @@ def test_sft_nan_loss_skips_the_step_and_k_in_a_row_stop(tmp_path, tiny_base, sm
     assert math.isnan(metrics[1]["grad_norm"]) and all(math.isfinite(m["loss"]) for m in metrics)
     assert "step 2: non-finite loss nan or gradient norm nan, step skipped (1 in a row)" in (out / "log.txt").read_text()
 
-    monkeypatch.setattr(sft_trainer, "masked_nll_sum", PoisonedNll({1, 2, 3, 4}, micro_per_step=2))
+    monkeypatch.setattr(sft_loss, "masked_nll_sum", PoisonedNll({1, 2, 3, 4}, micro_per_step=2))
     with pytest.raises(SystemExit, match="stopping: 2 consecutive steps with a non-finite loss or gradient "
                                          "\\(--max-bad-steps 2\\)"):
         sft_trainer.train(sft_config(tiny_base, small_data, tmp_path / "stop", max_bad_steps=2))
@@ -334,7 +339,7 @@ def test_weights_are_read_only_from_safetensors(tmp_path, tiny_base, small_data)
     state = build_tiny_model(load_tokenizer(tiny_base), TINY).state_dict()
     torch.save(state, pickled / "pytorch_model.bin")  # a pickle: never loaded
     with pytest.raises(SystemExit, match=r"--model .*pickled-model: could not load a causal LM .*safetensors"):
-        grpo_trainer.load_start_policy(grpo_config(pickled, small_data / "train.json", tmp_path),
+        run_mod.load_start_policy(grpo_config(pickled, small_data / "train.json", tmp_path),
                                        torch.device("cpu"), torch.float32, quiet)
 
 
@@ -366,11 +371,11 @@ def test_trust_remote_code_is_off_unless_the_flag_is_given(tmp_path, monkeypatch
     import grpo.run
 
     monkeypatch.setattr(grpo.run, "load_policy", record)  # sft uses grpo.run.load_start_policy too
-    for module, cls in ((grpo_trainer, grpo_trainer.GRPOConfig), (sft_trainer, sft_trainer.SFTConfig)):
+    for cls in (grpo_trainer.GRPOConfig, sft_trainer.SFTConfig):  # both trainers start through grpo.run
         for argv in ([], ["--trust-remote-code"]):
             config = parse_config(cls, ["--model", "some/model", "--out", str(tmp_path), *argv])
             with pytest.raises(SystemExit, match="stop here"):
-                module.load_start_policy(config, torch.device("cpu"), torch.float32, quiet)
+                run_mod.load_start_policy(config, torch.device("cpu"), torch.float32, quiet)
     assert seen == [False, True, False, True]
 
 

@@ -58,7 +58,7 @@ def test_shard_bounds_are_contiguous_and_cover_everything():
 
 
 def test_rollout_chunks_are_cut_at_global_multiples_and_rank_bounds():
-    from grpo.trainer import rollout_chunks
+    from grpo.step import rollout_chunks
 
     # One process, 8 prompts in chunks of 4; two ranks of 4 each cut the same chunks.
     assert rollout_chunks(0, 8, 4) == [(0, 4), (4, 8)]

@@ -28,6 +28,11 @@ import torch
 
 import grpo.train
 import grpo.trainer as trainer
+import grpo.distributed as distributed_mod
+import grpo.prompts as prompts_mod
+import grpo.run as run_mod
+import grpo.step as step_mod
+import grpo.update as update_mod
 from grpo.checkpoint import latest_checkpoint
 from grpo.logprobs import token_logprobs
 from grpo.policy import LoraSettings, Policy, load_policy, read_lineage, reference_mode
@@ -197,7 +202,7 @@ def lora_policy(tiny_base) -> Policy:
     return policy
 
 
-def hand_built_batches(vocab_size: int) -> list[trainer.StepBatch]:
+def hand_built_batches(vocab_size: int) -> list[update_mod.StepBatch]:
     """Two rollout chunks with different prompt widths, ragged completions and a zero-length one.
 
     completion lengths [4, 2, 0] and [3, 1] of T = 4: the loss types then disagree.
@@ -212,14 +217,14 @@ def hand_built_batches(vocab_size: int) -> list[trainer.StepBatch]:
         prompt_mask = torch.tensor([[0] * (width - n) + [1] * n for n in prompt_lengths])
         completion_mask = torch.tensor([[1] * n + [0] * (4 - n) for n in completion_lengths])
         input_ids = torch.randint(0, vocab_size, (rows, width + 4), generator=generator)
-        chunks.append(trainer.StepBatch(
+        chunks.append(update_mod.StepBatch(
             input_ids=input_ids, attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
             completion_mask=completion_mask.float(), advantages=torch.tensor(advantages), prompt_length=width,
         ))
     return chunks
 
 
-def hand_written_loss(policy: Policy, batches: list[trainer.StepBatch], loss_type: str, max_new_tokens: int):
+def hand_written_loss(policy: Policy, batches: list[update_mod.StepBatch], loss_type: str, max_new_tokens: int):
     """The on-policy (ratio 1) GRPO loss of the whole step, written out per loss type."""
     num_sequences = sum(batch.input_ids.shape[0] for batch in batches)
     num_tokens = sum(float(batch.completion_mask.sum()) for batch in batches)
@@ -256,7 +261,7 @@ def test_accumulation_equals_one_large_batch(lora_policy, loss_type):
     for micro_batch in (16, 1, 2):  # the whole chunk at once, one sequence at a time, uneven pieces
         policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
         optimizer = torch.optim.SGD(trainable(policy), lr=0.5)
-        metrics = trainer.policy_update(policy, batches, dataclasses.replace(config, train_micro_batch=micro_batch),
+        metrics = update_mod.policy_update(policy, batches, dataclasses.replace(config, train_micro_batch=micro_batch),
                                         optimizer)
         assert metrics["nonfinite_loss"] is False
         assert metrics["loss/num_tokens"] == 10.0
@@ -275,17 +280,17 @@ def test_beta_positive_uses_reference_mode_and_kl_grows_after_an_update(tiny_bas
         entered.append(policy)
         return reference_mode(policy)
 
-    monkeypatch.setattr(trainer, "reference_mode", counting_reference_mode)
+    monkeypatch.setattr(update_mod, "reference_mode", counting_reference_mode)
     torch.manual_seed(0)
     policy = load_policy(base=str(tiny_base), lora=SMALL_LORA)  # fresh LoRA: B = 0
     batches = hand_built_batches(policy.model.config.vocab_size)
     config = trainer.GRPOConfig(beta=0.5, max_new_tokens=4, train_micro_batch=2, lr=0.05)
     optimizer = torch.optim.AdamW(trainable(policy), lr=0.05)
 
-    first = trainer.policy_update(policy, batches, config, optimizer)
+    first = update_mod.policy_update(policy, batches, config, optimizer)
     assert len(entered) == 3  # one reference pass per micro-batch: chunks of 3 and 2 rows in pieces of 2
     assert first["loss/kl_mean"] == pytest.approx(0.0, abs=1e-7)
-    second = trainer.policy_update(policy, batches, config, optimizer)
+    second = update_mod.policy_update(policy, batches, config, optimizer)
     assert second["loss/kl_mean"] > 1e-6
 
 
@@ -293,10 +298,10 @@ def test_beta_zero_never_enters_reference_mode(lora_policy, monkeypatch):
     def refuse(policy):
         raise AssertionError("reference_mode entered with beta == 0")
 
-    monkeypatch.setattr(trainer, "reference_mode", refuse)
+    monkeypatch.setattr(update_mod, "reference_mode", refuse)
     policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
     config = trainer.GRPOConfig(beta=0.0, max_new_tokens=4)
-    metrics = trainer.policy_update(policy, hand_built_batches(policy.model.config.vocab_size), config,
+    metrics = update_mod.policy_update(policy, hand_built_batches(policy.model.config.vocab_size), config,
                                     torch.optim.SGD(trainable(policy), lr=0.1))
     assert "loss/kl_mean" not in metrics
 
@@ -306,7 +311,7 @@ class PoisonedLoss:
 
     def __init__(self, poisoned_steps: set[int]) -> None:
         self.poisoned_steps, self.calls = poisoned_steps, 0
-        self.update, self.loss = trainer.policy_update, trainer.policy_loss
+        self.update, self.loss = update_mod.policy_update, update_mod.policy_loss
 
     def policy_update(self, *args, **kwargs):
         self.calls += 1
@@ -319,11 +324,11 @@ class PoisonedLoss:
 
 def test_nonfinite_loss_skips_the_update(lora_policy, monkeypatch):
     poison = PoisonedLoss({1})
-    monkeypatch.setattr(trainer, "policy_loss", poison.policy_loss)
+    monkeypatch.setattr(update_mod, "policy_loss", poison.policy_loss)
     poison.calls = 1  # policy_update is called directly here, not through the counting wrapper
     policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
     before = [parameter.detach().clone() for parameter in trainable(policy)]
-    metrics = trainer.policy_update(policy, hand_built_batches(policy.model.config.vocab_size),
+    metrics = update_mod.policy_update(policy, hand_built_batches(policy.model.config.vocab_size),
                                     trainer.GRPOConfig(max_new_tokens=4), torch.optim.SGD(trainable(policy), lr=0.1))
     assert metrics["nonfinite_loss"] is True
     for old, parameter in zip(before, trainable(policy)):
@@ -347,7 +352,7 @@ def test_some_nan_rewards_are_counted_and_training_continues(tmp_path, tiny_base
     def refuse(policy):
         raise AssertionError("reference_mode entered with beta == 0")
 
-    monkeypatch.setattr(trainer, "reference_mode", refuse)
+    monkeypatch.setattr(update_mod, "reference_mode", refuse)
 
     def partly_unscored(texts, targets):
         results = scripted_rewards(texts, targets)
@@ -364,8 +369,8 @@ def test_some_nan_rewards_are_counted_and_training_continues(tmp_path, tiny_base
 
 def test_nan_loss_step_is_skipped_and_counted(tmp_path, tiny_base, small_data, monkeypatch):
     poison = PoisonedLoss({2})
-    monkeypatch.setattr(trainer, "policy_update", poison.policy_update)
-    monkeypatch.setattr(trainer, "policy_loss", poison.policy_loss)
+    monkeypatch.setattr(step_mod, "policy_update", poison.policy_update)
+    monkeypatch.setattr(update_mod, "policy_loss", poison.policy_loss)
     out = tmp_path / "run"
     trainer.train(small_config(tiny_base, small_data, out, max_steps=3), reward_fn=scripted_rewards)
     metrics = read_metrics(out)
@@ -377,8 +382,8 @@ def test_nan_loss_step_is_skipped_and_counted(tmp_path, tiny_base, small_data, m
 
 def test_consecutive_nan_losses_stop_the_run(tmp_path, tiny_base, small_data, monkeypatch):
     poison = PoisonedLoss({1, 2, 3, 4, 5})
-    monkeypatch.setattr(trainer, "policy_update", poison.policy_update)
-    monkeypatch.setattr(trainer, "policy_loss", poison.policy_loss)
+    monkeypatch.setattr(step_mod, "policy_update", poison.policy_update)
+    monkeypatch.setattr(update_mod, "policy_loss", poison.policy_loss)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="2 consecutive steps with a non-finite loss"):
         trainer.train(small_config(tiny_base, small_data, out, max_steps=5, max_bad_steps=2),
@@ -405,7 +410,7 @@ def test_oversample_run_samples_twice_the_prompts_and_logs_the_selection(tmp_pat
     assert latest_checkpoint(out).name == "step-000002"
 
     # The run's training prompts, rebuilt from its directory: 2 steps x 4 sampled prompts, in order.
-    trained = trainer.trained_samples(out)
+    trained = prompts_mod.trained_samples(out)
     assert len(trained) == 8
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1] * 4 + [2] * 4  # each step's first 4 completions: 2 groups of 2
@@ -418,7 +423,7 @@ def test_oversample_run_samples_twice_the_prompts_and_logs_the_selection(tmp_pat
     samples, info = load_samples(f"trained:{out}", seed=0, limit=3)
     assert samples == trained[:3] and info["turns"] == 3 and info["turns_available"] == 8
     with pytest.raises(ValueError, match="not a GRPO run directory"):
-        trainer.trained_samples(tmp_path)
+        prompts_mod.trained_samples(tmp_path)
 
 
 def test_logprob_gap_measures_sampling_against_training_logprobs(lora_policy):
@@ -432,26 +437,26 @@ def test_logprob_gap_measures_sampling_against_training_logprobs(lora_policy):
                                        * torch.tensor([1.0, -1.0, 1.0, -1.0]))
                    for batch, logprobs in zip(batches, exact)]
         policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
-        metrics = trainer.policy_update(policy, shifted, dataclasses.replace(config, mu=2),
+        metrics = update_mod.policy_update(policy, shifted, dataclasses.replace(config, mu=2),
                                         torch.optim.SGD(trainable(policy), lr=0.1))
         # Measured on the first pass (the rollout's weights), over completion tokens only.
         assert metrics["logprob_gap/mean_abs"] == pytest.approx(offset, abs=1e-5)
         assert metrics["logprob_gap/max_abs"] == pytest.approx(offset, abs=1e-5)
     # Without sampler log-probs (top-k, top-p or a stop-token ban change the distribution) no gap is logged.
     policy = dataclasses.replace(lora_policy, model=copy.deepcopy(lora_policy.model))
-    metrics = trainer.policy_update(policy, batches, config, torch.optim.SGD(trainable(policy), lr=0.1))
+    metrics = update_mod.policy_update(policy, batches, config, torch.optim.SGD(trainable(policy), lr=0.1))
     assert "logprob_gap/mean_abs" not in metrics
-    assert trainer.sampling_is_the_policy(config)
+    assert update_mod.sampling_is_the_policy(config)
     for change in ({"top_k": 5}, {"top_p": 0.9}, {"min_new_tokens": 2}):
-        assert not trainer.sampling_is_the_policy(dataclasses.replace(config, **change))
+        assert not update_mod.sampling_is_the_policy(dataclasses.replace(config, **change))
 
 
 def test_deterministic_sets_the_cublas_workspace_before_any_gemm(tmp_path, tiny_base, small_data, monkeypatch,
                                                                  restore_determinism):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    trainer.open_run(small_config(tiny_base, small_data, tmp_path / "run", deterministic=False),
-                     trainer.SINGLE, torch.device("cpu"))
+    run_mod.open_run(small_config(tiny_base, small_data, tmp_path / "run", deterministic=False),
+                     distributed_mod.SINGLE, torch.device("cpu"))
     assert "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    trainer.open_run(small_config(tiny_base, small_data, tmp_path / "run2", deterministic=True),
-                     trainer.SINGLE, torch.device("cpu"))
+    run_mod.open_run(small_config(tiny_base, small_data, tmp_path / "run2", deterministic=True),
+                     distributed_mod.SINGLE, torch.device("cpu"))
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"

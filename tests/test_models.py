@@ -22,7 +22,7 @@ from data.samples import make_samples
 from grpo.logprobs import token_logprobs
 from grpo.policy import LoraSettings, load_policy
 from grpo.rollout import SamplingConfig, generate
-from sft.trainer import masked_nll_sum
+from sft.loss import masked_nll_sum
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

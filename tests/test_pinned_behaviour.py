@@ -34,6 +34,10 @@ import pytest
 import torch
 
 import grpo.trainer as trainer
+import grpo.prompts as prompts_mod
+import grpo.rollout as rollout_mod
+import grpo.step as step_mod
+import grpo.update as update_mod
 from grpo.config import parse_config
 from grpo.logprobs import token_logprobs
 from grpo.policy import load_policy
@@ -87,24 +91,24 @@ def full_policy(tiny_base):
     return load_policy(base=str(tiny_base), lora=None, dtype=torch.float32)
 
 
-def step_batches(vocab_size: int) -> list[trainer.StepBatch]:
+def step_batches(vocab_size: int) -> list[update_mod.StepBatch]:
     """One rollout chunk of 4 rows: left-padded prompts (width 5), completions of 4, 3, 2, 4 tokens."""
     generator = torch.Generator().manual_seed(11)
     prompt_lengths, completion_lengths, advantages = [5, 3, 4, 5], [4, 3, 2, 4], [1.0, -0.8, 0.5, -1.2]
     prompt_mask = torch.tensor([[0] * (5 - n) + [1] * n for n in prompt_lengths])
     completion_mask = torch.tensor([[1] * n + [0] * (4 - n) for n in completion_lengths])
-    return [trainer.StepBatch(
+    return [update_mod.StepBatch(
         input_ids=torch.randint(0, vocab_size, (4, 9), generator=generator),
         attention_mask=torch.cat([prompt_mask, completion_mask], dim=1), completion_mask=completion_mask.float(),
         advantages=torch.tensor(advantages), prompt_length=5,
     )]
 
 
-def batch_logprobs(model: torch.nn.Module, batch: trainer.StepBatch) -> torch.Tensor:
+def batch_logprobs(model: torch.nn.Module, batch: update_mod.StepBatch) -> torch.Tensor:
     return token_logprobs(model, batch.input_ids, batch.attention_mask, completion_start=batch.prompt_length)
 
 
-def hand_loss(model: torch.nn.Module, batches: list[trainer.StepBatch], old: list[torch.Tensor],
+def hand_loss(model: torch.nn.Module, batches: list[update_mod.StepBatch], old: list[torch.Tensor],
               epsilon_low: float, epsilon_high: float, *, clip: bool = True) -> tuple[torch.Tensor, int]:
     """The "grpo" loss written out: per token -min(rho A, clip(rho, 1 - el, 1 + eh) A), mean over each
     sequence's tokens, summed over sequences / the step's sequences.  Returns (loss, clipped tokens),
@@ -154,7 +158,7 @@ class SnapshotSGD(torch.optim.SGD):
 def recorded_update(policy, batches, config, monkeypatch, lr: float = 0.01):
     """policy_update with a recording policy_loss: (metrics, calls, snapshots before each optimizer step)."""
     calls = []
-    real_loss = trainer.policy_loss
+    real_loss = update_mod.policy_loss
 
     def recording_loss(logprobs, advantages, mask, **kwargs):
         loss, metrics = real_loss(logprobs, advantages, mask, **kwargs)
@@ -163,10 +167,10 @@ def recorded_update(policy, batches, config, monkeypatch, lr: float = 0.01):
                       "epsilon": (kwargs.get("epsilon_low"), kwargs.get("epsilon_high")), "metrics": metrics})
         return loss, metrics
 
-    monkeypatch.setattr(trainer, "policy_loss", recording_loss)
+    monkeypatch.setattr(update_mod, "policy_loss", recording_loss)
     optimizer = SnapshotSGD(trainable(policy), lr=lr)
-    metrics = trainer.policy_update(policy, batches, config, optimizer)
-    monkeypatch.setattr(trainer, "policy_loss", real_loss)
+    metrics = update_mod.policy_update(policy, batches, config, optimizer)
+    monkeypatch.setattr(update_mod, "policy_loss", real_loss)
     return metrics, calls, optimizer.before_step
 
 
@@ -262,13 +266,13 @@ def hand_advantages(scale: str) -> list[float]:
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_scale_rewards_reaches_the_trainers_advantages(tmp_path, tiny_base, small_data, monkeypatch, scale):
     seen = []
-    real_update = trainer.policy_update
+    real_update = update_mod.policy_update
 
     def recording_update(policy, batches, config, optimizer, **kwargs):
         seen.append(torch.cat([batch.advantages for batch in batches]).tolist())
         return real_update(policy, batches, config, optimizer, **kwargs)
 
-    monkeypatch.setattr(trainer, "policy_update", recording_update)
+    monkeypatch.setattr(step_mod, "policy_update", recording_update)
     config = cli_config(tiny_base, small_data, tmp_path / "run", "--group-size", "3", "--max-steps", "1",
                         "--max-new-tokens", "2", "--scale-rewards", scale)
     trainer.train(config, reward_fn=fixed_rewards(REWARDS))
@@ -297,7 +301,7 @@ def test_full_fine_tuning_kl_uses_a_frozen_copy_of_the_start_also_after_resume(
 
     start = load_file(tiny_base / "model.safetensors")
     seen = []
-    real_update = trainer.policy_update
+    real_update = update_mod.policy_update
 
     def same_as_start(model: torch.nn.Module) -> bool:
         state = model.state_dict()
@@ -314,7 +318,7 @@ def test_full_fine_tuning_kl_uses_a_frozen_copy_of_the_start_also_after_resume(
         })
         return real_update(policy, batches, config, optimizer, reference_policy=reference_policy, **kwargs)
 
-    monkeypatch.setattr(trainer, "policy_update", recording_update)
+    monkeypatch.setattr(step_mod, "policy_update", recording_update)
     flags = ("--no-lora", "--beta", "0.5", "--deterministic", "--seed", "2")
     whole, split = tmp_path / "whole", tmp_path / "split"
     trainer.train(cli_config(tiny_base, small_data, whole, *flags, "--max-steps", "2"),
@@ -435,7 +439,7 @@ def test_grad_norm_is_logged_before_clipping_and_the_update_is_clipped(full_poli
         policy = fresh_copy(full_policy)
         before = [p.detach().clone() for p in trainable(policy)]
         config = update_config("--max-grad-norm", repr(max_norm))
-        metrics = trainer.policy_update(policy, batches, config, torch.optim.SGD(trainable(policy), lr=lr))
+        metrics = update_mod.policy_update(policy, batches, config, torch.optim.SGD(trainable(policy), lr=lr))
         assert metrics["grad_norm"] == pytest.approx(norm, rel=1e-4)  # the norm before clipping
         scale = max_norm / (norm + 1e-6) if max_norm else 1.0  # torch's clip_grad_norm_ factor
         steps = [after.detach() - old for after, old in zip(trainable(policy), before)]
@@ -471,7 +475,7 @@ def test_final_stop_token_is_dropped_before_the_reward_sees_the_text(full_policy
     ids = torch.tensor([row + [pad] * (width - len(row)) for row, _ in rows])
     mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row, _ in rows])
     expected = [text, tokenizer.decode(body[:4], skip_special_tokens=False), stop_text + text, ""]
-    assert trainer.decode_completions(tokenizer, ids, mask, set(stops)) == expected
+    assert rollout_mod.decode_completions(tokenizer, ids, mask, set(stops)) == expected
 
     # In a training step: the reward function gets exactly these texts.
     def scripted_generate(model, prompts, sampling, **kwargs):
@@ -487,10 +491,10 @@ def test_final_stop_token_is_dropped_before_the_reward_sees_the_text(full_policy
         scored.extend(texts)
         return fixed_rewards([0.0, 1.0])(texts, targets)
 
-    monkeypatch.setattr(trainer, "generate", scripted_generate)
-    prompt = trainer.Prompt(sample=types.SimpleNamespace(target=TARGET), prompt_ids=body[:3])
+    monkeypatch.setattr(step_mod, "generate", scripted_generate)
+    prompt = prompts_mod.Prompt(sample=types.SimpleNamespace(target=TARGET), prompt_ids=body[:3])
     config = trainer.GRPOConfig(group_size=4, prompts_per_step=1, max_new_tokens=width)
-    batches, _, metrics, records = trainer.rollout_and_score(full_policy, [prompt], config, step=0,
+    batches, _, metrics, records = step_mod.rollout_and_score(full_policy, [prompt], config, step=0,
                                                              reward_fn=recording_rewards, device=torch.device("cpu"))
     assert scored == expected and [record["text"] for record in records] == expected
     assert torch.equal(batches[0].completion_mask, mask.float())  # the stop token still gets loss
@@ -506,26 +510,26 @@ def take(stream, count: int) -> list[tuple[int, list[int]]]:
 
 
 def test_prompt_batches_reshuffle_every_epoch_and_resume_at_any_step():
-    batches = take(trainer.prompt_batches(6, 2, seed=3, start_step=0), 12)  # 3 steps per epoch, 4 epochs
+    batches = take(prompts_mod.prompt_batches(6, 2, seed=3, start_step=0), 12)  # 3 steps per epoch, 4 epochs
     assert [step for step, _ in batches] == list(range(12))
     epochs = [[index for _, indices in batches[3 * e:3 * e + 3] for index in indices] for e in range(4)]
     assert all(sorted(order) == list(range(6)) for order in epochs)  # every prompt once per epoch
     assert len({tuple(order) for order in epochs}) == 4  # a new order every epoch
-    assert take(trainer.prompt_batches(6, 2, seed=3, start_step=5), 7) == batches[5:]  # resumable
-    assert [b for _, b in take(trainer.prompt_batches(6, 2, seed=4, start_step=0), 3)] != [b for _, b in batches[:3]]
+    assert take(prompts_mod.prompt_batches(6, 2, seed=3, start_step=5), 7) == batches[5:]  # resumable
+    assert [b for _, b in take(prompts_mod.prompt_batches(6, 2, seed=4, start_step=0), 3)] != [b for _, b in batches[:3]]
 
     # 7 prompts, 2 per step: 3 steps per epoch (one prompt left out), distinct prompts within an epoch.
-    uneven = take(trainer.prompt_batches(7, 2, seed=0, start_step=0), 6)
+    uneven = take(prompts_mod.prompt_batches(7, 2, seed=0, start_step=0), 6)
     for epoch in range(2):
         order = [index for _, indices in uneven[3 * epoch:3 * epoch + 3] for index in indices]
         assert len(order) == len(set(order)) == 6 and set(order) <= set(range(7))
 
 
 def test_prompt_batches_wrap_around_when_a_step_needs_more_prompts_than_exist():
-    for step, indices in take(trainer.prompt_batches(3, 5, seed=0, start_step=0), 4):
+    for step, indices in take(prompts_mod.prompt_batches(3, 5, seed=0, start_step=0), 4):
         assert len(indices) == 5 and set(indices) == {0, 1, 2}
         assert sorted(indices.count(i) for i in range(3)) == [1, 2, 2]  # as even as 5 over 3 can be
-    assert take(trainer.prompt_batches(3, 5, seed=0, start_step=7), 1)[0][0] == 7
+    assert take(prompts_mod.prompt_batches(3, 5, seed=0, start_step=7), 1)[0][0] == 7
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,9 @@ import torch
 from data.batching import collate
 from grpo.checkpoint import latest_checkpoint, load_trainer_state
 from grpo.policy import LoraSettings, load_model_weights, load_policy, load_tokenizer, read_lineage
-from sft.trainer import SFTConfig, accumulate_gradients, masked_nll_sum, prepare_data, train
+from sft.data import prepare_data
+from sft.loss import accumulate_gradients, masked_nll_sum
+from sft.trainer import SFTConfig, train
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 

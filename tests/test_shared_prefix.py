@@ -22,6 +22,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import grpo.trainer as trainer  # noqa: E402
+import grpo.prompts as prompts_mod  # noqa: E402
+import grpo.step as step_mod  # noqa: E402
+import grpo.update as update_mod  # noqa: E402
 from grpo.hf_compat import supports_shared_prefix  # noqa: E402
 from grpo.logprobs import grouped_token_logprobs, token_logprobs  # noqa: E402
 from grpo.policy import LoraSettings, attach_lora, policy_from_model  # noqa: E402
@@ -225,8 +228,8 @@ def test_bad_inputs_raise_clear_errors():
 # ----------------------------------------------------------------------------------------------
 
 
-def step_batch(rows: int, group_size: int) -> trainer.StepBatch:
-    return trainer.StepBatch(input_ids=torch.arange(rows)[:, None].repeat(1, 5), attention_mask=torch.ones(rows, 5),
+def step_batch(rows: int, group_size: int) -> update_mod.StepBatch:
+    return update_mod.StepBatch(input_ids=torch.arange(rows)[:, None].repeat(1, 5), attention_mask=torch.ones(rows, 5),
                              completion_mask=torch.ones(rows, 2), advantages=torch.zeros(rows), prompt_length=3,
                              group_size=group_size)
 
@@ -239,7 +242,7 @@ def step_batch(rows: int, group_size: int) -> trainer.StepBatch:
     (5, False, [(5, 1), (5, 1), (2, 1)]),  # share_prefix off: plain pieces, no group structure
 ])
 def test_micro_batches_hold_whole_groups(size, whole_groups, expected):
-    pieces = trainer._micro_batches(step_batch(12, 4), size, whole_groups=whole_groups)
+    pieces = update_mod._micro_batches(step_batch(12, 4), size, whole_groups=whole_groups)
     assert [(piece.input_ids.shape[0], piece.group_size) for piece in pieces] == expected
     assert torch.cat([piece.input_ids[:, 0] for piece in pieces]).tolist() == list(range(12))
 
@@ -248,7 +251,7 @@ def test_group_rows_with_different_prompts_are_refused():
     batch = dataclasses.replace(step_batch(8, 4), input_ids=torch.randint(0, VOCAB, (8, 5)))
     policy = SimpleNamespace(model=small_model())
     with pytest.raises(ValueError, match="rows of a group hold different prompts"):
-        trainer._sequence_logprobs(policy, batch, 1.0)
+        update_mod._sequence_logprobs(policy, batch, 1.0)
 
 
 @pytest.fixture(scope="module")
@@ -269,12 +272,12 @@ def length_reward(texts: list[str], targets: list[dict]) -> list[RewardResult]:
     return [RewardResult(total=float(len(text) % 5), components={}, success=False, kind="answer") for text in texts]
 
 
-def rollout_batches(policy, config: trainer.GRPOConfig) -> list[trainer.StepBatch]:
+def rollout_batches(policy, config: trainer.GRPOConfig) -> list[update_mod.StepBatch]:
     generator = torch.Generator().manual_seed(0)
-    prompts = [trainer.Prompt(sample=SimpleNamespace(target={}),
+    prompts = [prompts_mod.Prompt(sample=SimpleNamespace(target={}),
                               prompt_ids=torch.randint(16, len(policy.tokenizer), (length,), generator=generator).tolist())
                for length in (5, 11, 8)]
-    batches, _, _, _ = trainer.rollout_and_score(policy, prompts, config, step=0, reward_fn=length_reward,
+    batches, _, _, _ = step_mod.rollout_and_score(policy, prompts, config, step=0, reward_fn=length_reward,
                                                  device=torch.device("cpu"))
     return batches
 
@@ -300,7 +303,7 @@ def test_policy_update_with_and_without_prefix_sharing_agree(word_policy, loss_t
         policy = dataclasses.replace(word_policy, model=copy.deepcopy(word_policy.model))
         trainable = [parameter for parameter in policy.model.parameters() if parameter.requires_grad]
         optimizer = torch.optim.SGD(trainable, lr=0.5)
-        metrics = trainer.policy_update(policy, batches, dataclasses.replace(config, share_prefix=share_prefix),
+        metrics = update_mod.policy_update(policy, batches, dataclasses.replace(config, share_prefix=share_prefix),
                                         optimizer)
         assert metrics["nonfinite_loss"] is False
         results[share_prefix] = (metrics, [parameter.grad.clone() for parameter in trainable],
@@ -325,13 +328,13 @@ def test_oversample_trains_on_the_groups_whose_rewards_vary_most(word_policy):
     from grpo.advantages import group_advantages, most_varied_groups
 
     generator = torch.Generator().manual_seed(1)
-    prompts = [trainer.Prompt(sample=SimpleNamespace(target={"scale": scale}),
+    prompts = [prompts_mod.Prompt(sample=SimpleNamespace(target={"scale": scale}),
                               prompt_ids=torch.randint(16, len(word_policy.tokenizer), (length,), generator=generator).tolist())
                for scale, length in zip((0.0, 1.0, 3.0, 0.1, 2.0, 5.0), (5, 11, 8, 6, 9, 7))]
 
     def run(oversample: int):
         config = trainer.GRPOConfig(group_size=4, max_new_tokens=8, rollout_batch_prompts=4, oversample=oversample)
-        return trainer.rollout_and_score(word_policy, prompts, config, step=3, reward_fn=scaled_length_reward,
+        return step_mod.rollout_and_score(word_policy, prompts, config, step=3, reward_fn=scaled_length_reward,
                                          device=torch.device("cpu"))
 
     every_batch, every_reward, _, _ = run(1)
