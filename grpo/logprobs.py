@@ -259,15 +259,12 @@ def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_ma
                                        temperature=temperature, return_entropy=return_entropy, chunk_size=chunk_size),
                         num_prompts, group_size)
 
-    from transformers import AttentionInterface, DynamicCache
+    from transformers import AttentionInterface
 
     decoder = causal_lm.get_decoder()
-    cache = DynamicCache(config=causal_lm.config)
-    prompt_hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask,
-                            position_ids=position_ids_from_mask(prompt_mask), use_cache=True,
-                            **cache_argument(decoder, cache)).last_hidden_state
+    prompt_last, prompt_keys, prompt_values = _prompt_forward(decoder, causal_lm.config, prompt_ids, prompt_mask)
     # The last prompt position is a real token (left padding): it predicts completion token 0.
-    last_prompt_hidden = prompt_hidden[:, -1:].repeat_interleave(group_size, dim=0)  # [B*G, 1, H]
+    last_prompt_hidden = prompt_last.repeat_interleave(group_size, dim=0)  # [B*G, 1, H]
     rows = num_prompts * group_size
     flat_ids = completion_ids.reshape(rows, num_targets)
     flat_mask = completion_mask.reshape(rows, num_targets)
@@ -275,19 +272,61 @@ def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_ma
     if num_targets > 1:
         inputs, input_mask = flat_ids[:, :-1], flat_mask[:, :-1].bool()
         positions = prompt_mask.sum(-1).repeat_interleave(group_size)[:, None] + input_mask.long().cumsum(-1) - 1
-        prefix = _PromptPrefix(keys=[layer.keys for layer in cache.layers],
-                               values=[layer.values for layer in cache.layers],
+        prefix = _PromptPrefix(keys=prompt_keys, values=prompt_values,
                                prompt_mask=prompt_mask.bool(), completion_mask=input_mask, group_size=group_size)
         AttentionInterface.register(GROUPED_PREFIX_ATTENTION, grouped_prefix_attention)
         with _attention_implementation(causal_lm.config, GROUPED_PREFIX_ATTENTION):
             completion_hidden = decoder(input_ids=inputs, attention_mask=None, position_ids=positions.clamp(min=0),
                                         use_cache=False, prompt_prefix=prefix).last_hidden_state
-        if prefix.calls != len(cache.layers):
+        if prefix.calls != len(prompt_keys):
             raise RuntimeError(f"{type(causal_lm).__name__} did not route its attention through the shared-prefix "
                                f"attention; compute log-probs with token_logprobs (share_prefix off)")
         hidden = torch.cat([last_prompt_hidden, completion_hidden], dim=1)
     return _grouped(_score_hidden(causal_lm, hidden, flat_ids, temperature, return_entropy, chunk_size),
                     num_prompts, group_size)
+
+
+# Prompts whose left padding is more than this share of the [B, P] prompt cells run one at a time.
+UNPAD_PROMPTS_ABOVE = 0.1
+
+
+def _prompt_forward(decoder: torch.nn.Module, config: Any, prompt_ids: Tensor, prompt_mask: Tensor
+                    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The prompts through the decoder (with gradient when it is on): the last position's hidden
+    state [B, 1, H] and every layer's keys and values [B, kv_heads, P, head_dim].
+
+    Left-padded prompts of very different lengths waste much of a batched forward on padding (the
+    positions through every matmul, and attention quadratic in the padded length).  When the
+    padding is more than UNPAD_PROMPTS_ABOVE of the prompt cells, each prompt runs alone on its
+    real tokens, and its keys and values are left-padded with zeros afterwards, where the
+    completions' attention masks them exactly as it masks padding.  The positions count real
+    tokens either way, so the values are those of the batched forward (up to float rounding).
+    """
+    from transformers import DynamicCache
+
+    num_prompts, prompt_length = prompt_ids.shape
+    lengths = [int(n) for n in prompt_mask.sum(-1)]
+    left_padded = all(bool(prompt_mask[b, prompt_length - n:].all()) for b, n in enumerate(lengths))
+    padding_share = 1.0 - sum(lengths) / max(num_prompts * prompt_length, 1)
+    if num_prompts == 1 or not left_padded or padding_share <= UNPAD_PROMPTS_ABOVE:
+        cache = DynamicCache(config=config)
+        hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                         use_cache=True, **cache_argument(decoder, cache)).last_hidden_state
+        return hidden[:, -1:], [layer.keys for layer in cache.layers], [layer.values for layer in cache.layers]
+    last, keys, values = [], [], []
+    for b, length in enumerate(lengths):
+        ids = prompt_ids[b:b + 1, prompt_length - length:]
+        cache = DynamicCache(config=config)
+        hidden = decoder(input_ids=ids, attention_mask=torch.ones_like(ids),
+                         position_ids=torch.arange(length, device=ids.device)[None], use_cache=True,
+                         **cache_argument(decoder, cache)).last_hidden_state
+        last.append(hidden[:, -1:])
+        pad = (0, 0, prompt_length - length, 0)  # left-pad the sequence dimension (2) with zeros
+        keys.append([torch.nn.functional.pad(layer.keys, pad) for layer in cache.layers])
+        values.append([torch.nn.functional.pad(layer.values, pad) for layer in cache.layers])
+    layers = range(len(keys[0]))
+    return (torch.cat(last), [torch.cat([k[i] for k in keys]) for i in layers],
+            [torch.cat([v[i] for v in values]) for i in layers])
 
 
 def _grouped(result: Tensor | tuple[Tensor, Tensor], num_prompts: int, group_size: int

@@ -133,16 +133,48 @@ def test_logprobs_and_entropy_equal_the_unshared_forward(family):
     assert (plain - logprobs).abs().max() > 1e-3
 
 
-def test_each_prompt_runs_once():
-    """The decoder sees B*P prompt tokens and B*G*(T-1) completion tokens, not B*G*(P+T)."""
-    model = small_model()
+def embedded_sizes(model: torch.nn.Module, compute) -> list[int]:
+    """The number of token positions of each forward pass the decoder runs during `compute()`."""
     seen = []
     hook = model.get_input_embeddings().register_forward_hook(lambda module, args, output: seen.append(args[0].numel()))
     try:
-        grouped_token_logprobs(model, **grouped_inputs())
+        compute()
     finally:
         hook.remove()
-    assert seen == [NUM_PROMPTS * PROMPT_WIDTH, NUM_PROMPTS * GROUP * (COMPLETION_WIDTH - 1)]
+    return seen
+
+
+def test_each_prompt_runs_once(monkeypatch):
+    """The decoder sees each prompt once and B*G*(T-1) completion tokens, not B*G*(P+T): the
+    prompts' real tokens one prompt at a time when padding is more than UNPAD_PROMPTS_ABOVE of
+    the prompt cells (here 8 of 27), else the B*P padded prompt cells in one pass."""
+    model, inputs = small_model(), grouped_inputs()
+    completions = NUM_PROMPTS * GROUP * (COMPLETION_WIDTH - 1)
+    seen = embedded_sizes(model, lambda: grouped_token_logprobs(model, **inputs))
+    assert seen == [*PROMPT_LENGTHS, completions]
+    monkeypatch.setattr("grpo.logprobs.UNPAD_PROMPTS_ABOVE", 0.5)
+    seen = embedded_sizes(model, lambda: grouped_token_logprobs(model, **inputs))
+    assert seen == [NUM_PROMPTS * PROMPT_WIDTH, completions]
+
+
+def test_unpadded_prompts_give_the_padded_batch_values_and_gradients(monkeypatch):
+    """Running the prompts one by one on their real tokens changes only float rounding: log-probs,
+    entropies and LoRA gradients equal those of the padded batched prompt forward."""
+    model = attach_lora(small_model(seed=6), LoraSettings(r=4, alpha=8))
+    for name, parameter in model.named_parameters():
+        if "lora_B" in name:  # non-zero B: the adapter changes the prompts' keys and values
+            torch.nn.init.normal_(parameter, std=0.1)
+    inputs = grouped_inputs(seed=2)
+
+    def compute(current_model):
+        return grouped_token_logprobs(current_model, **inputs, temperature=TEMPERATURE)
+
+    unpadded = gradients(model, compute)
+    unpadded_values = compute(model).detach()
+    monkeypatch.setattr("grpo.logprobs.UNPAD_PROMPTS_ABOVE", 1.0)  # never unpad
+    assert embedded_sizes(model, lambda: compute(model))[0] == NUM_PROMPTS * PROMPT_WIDTH
+    torch.testing.assert_close(unpadded_values, compute(model).detach(), rtol=1e-5, atol=2e-6)
+    assert_gradients_equal(unpadded, gradients(model, compute))
 
 
 def test_lora_gradients_equal_the_unshared_forward():
