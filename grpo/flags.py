@@ -78,11 +78,21 @@ class GRPOConfig:
     w_accuracy: float = field(1.0, "weight of the conditional accuracy reward")
     w_format: float = field(1.0, "weight of the format reward")
     w_length: float = field(1.0, "weight of the thinking-length reward")
+    # --- whole conversations (grpo/episodes.py) ------------------------------------------------
+    env: str = field("none", "none: train on per-turn samples of --data; synthetic: on whole conversations with the "
+                             "synthetic world's training tasks (tools executed, user simulated, success rewarded)",
+                     choices=("none", "synthetic"))
+    max_turns: int = field(20, "--env: agent actions per episode at most")
+    max_episode_tokens: int = field(2048, "--env: tokens per episode, first prompt included; an episode whose next "
+                                          "turn (--max-new-tokens) might not fit ends and counts as truncated")
+    episode_reward: str = field("success", "--env: success (1 or 0), or mean_turn (success + the mean per-turn "
+                                           "reward of the turns that follow the gold conversation)",
+                                choices=("success", "mean_turn"))
 
     def __post_init__(self) -> None:
         check_ranges(self, at_least_one=(
             "group_size", "prompts_per_step", "rollout_batch_prompts", "oversample", "max_new_tokens", "mu",
-            "train_micro_batch",
+            "train_micro_batch", "max_turns", "max_episode_tokens",
             "log_every", "max_bad_steps", "max_prompt_length", "lora_r"),
             non_negative=("max_steps", "save_every", "keep_checkpoints", "sample_every", "threads", "top_k",
                           "min_new_tokens", "warmup_steps", "beta", "lr", "weight_decay", "max_grad_norm",
@@ -99,6 +109,9 @@ class GRPOConfig:
             # can fall into a different number of rollout chunks than another rank's.
             raise ValueError("--oversample > 1 is not supported with --fsdp (ranks could run different numbers "
                              "of micro-batches); use it without --fsdp")
+        if self.env != "none" and self.oversample > 1:
+            raise ValueError("--oversample > 1 is not supported with --env synthetic yet (it selects among "
+                             "per-turn groups); drop one of them")
         if self.fsdp and self.lora:
             raise ValueError("--fsdp shards full fine-tuning; LoRA adapters are small enough to replicate "
                              "(drop --fsdp, or add --no-lora)")

@@ -3,6 +3,7 @@
     for each step (grpo.run.TrainingRun: stop signals, seeds, learning rate, checkpoints)
         this rank's share of the step's prompts         grpo.prompts.prompt_batches
         grpo_step: rollout -> rewards -> advantages -> update -> metrics     grpo/step.py
+          (--env synthetic: episode_step over whole conversations instead)  grpo/episodes.py
         skip-and-count a non-finite step; log; sample records
 
 Under torchrun every process runs this loop; rank 0 alone writes the run directory.  See
@@ -34,6 +35,8 @@ def check_world(config: GRPOConfig, context: Distributed) -> None:
                          f"processes ({context.world_size}): every rank samples whole groups for as many prompts")
     if config.fsdp and not context.enabled:
         raise SystemExit("--fsdp needs several processes: start the run with torchrun --nproc_per_node N (N >= 2)")
+    if config.env != "none" and context.world_size > 1:
+        raise SystemExit(f"--env {config.env} runs in one process for now; start it without torchrun")
 
 
 def make_reward_fn(config: GRPOConfig) -> Callable[[list[str], list[dict]], list[Any]]:
@@ -59,7 +62,9 @@ def train(config: GRPOConfig, *, reward_fn: Callable[[list[str], list[dict]], li
     with distributed.distributed_run(config.device) as (context, device):
         check_world(config, context)
         with TrainingRun(config, context, device, name="grpo") as run:
-            return _train(run, config, context, device, reward_fn or make_reward_fn(config))
+            # Episodes rewarded by success alone score no single turn: no similarity model to load.
+            turn_rewards = config.env == "none" or config.episode_reward != "success"
+            return _train(run, config, context, device, reward_fn or (make_reward_fn(config) if turn_rewards else None))
 
 
 def _train(run: TrainingRun, config: GRPOConfig, context: Distributed, device: torch.device,
@@ -76,19 +81,25 @@ def _train(run: TrainingRun, config: GRPOConfig, context: Distributed, device: t
         # A frozen copy of the starting point, taken before a checkpoint's weights are restored.
         reference_policy = dataclasses.replace(policy, model=copy.deepcopy(policy.model).eval().requires_grad_(False))
     optimizer = run.prepare(policy, *([reference_policy] if reference_policy is not None else []))
-    prompts = build_prompts(config, policy.tokenizer, run.log)
+    if config.env == "synthetic":  # whole conversations: grpo/episodes.py; tasks take the prompts' place
+        from grpo.episodes import build_tasks, episode_step
+
+        prompts, step_fn = build_tasks(config, policy.tokenizer, run.log), episode_step
+    else:
+        prompts, step_fn = build_prompts(config, policy.tokenizer, run.log), grpo_step
     # Sampling is re-derived from (seed, step, prompt position): no generator state to keep.
-    run.checkpoint_extra["generator"] = {"scheme": "derived_seed(seed, step, first prompt position of the rollout chunk)",
-                                         "seed": config.seed}
+    scheme = ("derived_seed(seed, step, first prompt position of the rollout chunk"
+              + (", turn)" if config.env != "none" else ")"))
+    run.checkpoint_extra["generator"] = {"scheme": scheme, "seed": config.seed}
     batches = prompt_batches(len(prompts), config.prompts_per_step * config.oversample, seed=config.seed,
                              start_step=run.start_step)
     for step in run.steps(config.max_steps):
         _, indices = next(batches)
         first, last = distributed.shard_bounds(len(indices), context.rank, context.world_size)
         try:
-            result = grpo_step(policy, [prompts[i] for i in indices[first:last]], config, optimizer, step=step,
-                               reward_fn=reward_fn, device=device, first_position=first, context=context,
-                               reference_policy=reference_policy)
+            result = step_fn(policy, [prompts[i] for i in indices[first:last]], config, optimizer, step=step,
+                             reward_fn=reward_fn, device=device, first_position=first, context=context,
+                             reference_policy=reference_policy)
         except NonFiniteRewards as error:
             run.save(step)
             raise SystemExit(str(error)) from None
