@@ -1,23 +1,16 @@
 """Airline domain (in-domain): Skyline Air, an invented airline with reservations, bags and flight changes.
 
-Database: one customer per conversation (tier regular, silver or gold) with 1-3 reservations, and
-the flights on the routes involved (2-3 daily flights per route, each with cabin prices, seats
-left and today's status).  Policy rules the scripts follow and the tools enforce: verify customer
-id + last name first, cancellation only for business or insured reservations, no flight changes
-on basic fares, bags $35 each (free for gold) up to 4 per reservation, confirm before any write.
+The policy and the conversation scripts; the database and the tools are in airline_tools.py.
+Policy rules the scripts follow and the tools enforce: verify customer id + last name first,
+cancellation only for business or insured reservations, no flight changes on basic fares, bags
+$35 each (free for gold) up to 4 per reservation, confirm before any write.
 """
 
 from __future__ import annotations
 
-import random
-import string
-from typing import Any
-
-from data.synthetic.world import (
-    BOOLEAN, INTEGER, STRING, Db, Dialogue, Domain, Tool, ToolResult, confirm_write, converse, enum, error, listing, money, params,
-    replace_record, sentences,
-)
-from data.synthetic.retail import FIRST_NAMES, LAST_NAMES
+from data.synthetic.airline_steps import AirlineSteps, people
+from data.synthetic.airline_tools import BAG_FEE, CABINS, INSURANCE_FEE, MAX_BAGS, TOOLS, make_db, random_date
+from data.synthetic.world import Dialogue, Domain, confirm_write, converse, listing, money, sentences
 
 POLICY = (
     "You are the support agent of Skyline Air. Verify the customer by customer id and last name "
@@ -28,373 +21,16 @@ POLICY = (
     "and cost and wait for an explicit yes. Flight status needs no verification."
 )
 
-AIRPORTS = ("BOS", "SEA", "JFK", "SFO", "ORD", "MIA", "DEN", "ATL", "LAX", "AUS")
-CABINS = ("basic", "economy", "business")
-BAG_FEE = 35
-MAX_BAGS = 4
-INSURANCE_FEE = 25
 
-
-def _date(rng: random.Random) -> str:
-    return f"2025-{rng.randint(5, 9):02d}-{rng.randint(1, 28):02d}"
-
-
-def _route_flights(rng: random.Random, origin: str, destination: str, used: set[str]) -> dict[str, dict[str, Any]]:
-    """2-3 daily flights on one route with distinct ids and departure times."""
-    flights = {}
-    hours = sorted(rng.sample(range(6, 22), rng.randint(2, 3)))
-    for hour in hours:
-        flight_id = f"FL{rng.randint(100, 999)}"
-        while flight_id in used:
-            flight_id = f"FL{rng.randint(100, 999)}"
-        used.add(flight_id)
-        economy = rng.randrange(120, 400, 5)
-        status = rng.choices(("on time", "delayed", "cancelled"), (7, 2, 1))[0]
-        flights[flight_id] = {
-            "flight_id": flight_id, "origin": origin, "destination": destination,
-            "depart": f"{hour:02d}:{rng.choice(('00', '15', '30', '45'))}",
-            "prices": {"basic": economy - 40, "economy": economy, "business": economy * 3},
-            "seats": rng.randint(0, 9), "status": status,
-            "delay_min": rng.choice((30, 45, 90, 120)) if status == "delayed" else 0,
-        }
-    return flights
-
-
-def make_db(rng: random.Random) -> Db:
-    """One customer with 1-3 reservations, plus the flights of their routes and of one more route."""
-    first, last = rng.choice(FIRST_NAMES), rng.choice(LAST_NAMES)
-    customer_id = f"C{rng.randint(1000, 9999)}"
-    used: set[str] = set()
-    flights: dict[str, dict[str, Any]] = {}
-    reservations: dict[str, dict[str, Any]] = {}
-    for _ in range(rng.randint(1, 3) + 1):  # the extra route is for new bookings
-        origin, destination = rng.sample(AIRPORTS, 2)
-        flights.update(_route_flights(rng, origin, destination, used))
-    routes = sorted({(flight["origin"], flight["destination"]) for flight in flights.values()})
-    booked_routes = routes[:-1] if len(routes) > 1 else routes
-    for origin, destination in booked_routes:
-        flight = rng.choice([f for f in flights.values() if (f["origin"], f["destination"]) == (origin, destination)])
-        reservation_id = "R" + "".join(rng.choices(string.ascii_uppercase + string.digits, k=4))
-        cabin = rng.choices(CABINS, (3, 5, 2))[0]
-        passengers = rng.randint(1, 3)
-        insurance = rng.random() < 0.35
-        price = flight["prices"][cabin]
-        reservations[reservation_id] = {
-            "reservation_id": reservation_id, "customer_id": customer_id, "flight_id": flight["flight_id"],
-            "origin": origin, "destination": destination, "date": _date(rng), "cabin": cabin,
-            "passengers": passengers, "bags": rng.randint(0, 3), "insurance": insurance, "status": "booked",
-            "seat_price": price, "paid": price * passengers + (INSURANCE_FEE * passengers if insurance else 0),
-        }
-    customer = {"customer_id": customer_id, "first_name": first, "last_name": last,
-                "tier": rng.choices(("regular", "silver", "gold"), (5, 3, 2))[0], "reservations": list(reservations)}
-    return {"customers": {customer_id: customer}, "reservations": reservations, "flights": flights}
-
-
-# ----------------------------------------------------------------------------- tools
-
-
-def verify_customer(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    customer = db["customers"].get(args["customer_id"])
-    if customer is None or customer["last_name"].lower() != args["last_name"].strip().lower():
-        return error("customer id and last name do not match"), db
-    return {"customer_id": customer["customer_id"], "name": f"{customer['first_name']} {customer['last_name']}",
-            "tier": customer["tier"]}, db
-
-
-def get_customer(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    customer = db["customers"].get(args["customer_id"])
-    if customer is None:
-        return error(f"customer {args['customer_id']} not found"), db
-    return {"customer_id": customer["customer_id"], "tier": customer["tier"],
-            "reservations": list(customer["reservations"])}, db
-
-
-RESERVATION_VIEW = ("reservation_id", "flight_id", "origin", "destination", "date", "cabin", "passengers", "bags",
-                    "insurance", "status", "paid")
-
-
-def get_reservation(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    reservation = db["reservations"].get(args["reservation_id"])
-    if reservation is None:
-        return error(f"reservation {args['reservation_id']} not found"), db
-    return {key: reservation[key] for key in RESERVATION_VIEW}, db
-
-
-def search_flights(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    cabin = args.get("cabin", "economy")
-    found = [{"flight_id": flight["flight_id"], "depart": flight["depart"], "price": flight["prices"][cabin],
-              "seats": flight["seats"]}
-             for flight in sorted(db["flights"].values(), key=lambda flight: flight["depart"])
-             if (flight["origin"], flight["destination"]) == (args["origin"], args["destination"])]
-    return {"date": args["date"], "cabin": cabin, "flights": found}, db
-
-
-def book_flight(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    flight = db["flights"].get(args["flight_id"])
-    customer = db["customers"].get(args["customer_id"])
-    if flight is None or customer is None:
-        return error("unknown flight or customer"), db
-    if flight["seats"] < args["passengers"]:
-        return error(f"only {flight['seats']} seats left on {flight['flight_id']}"), db
-    insurance = args.get("insurance", False)
-    seat_price = flight["prices"][args["cabin"]]
-    total = seat_price * args["passengers"] + (INSURANCE_FEE * args["passengers"] if insurance else 0)
-    # The new id is derived from the booking itself so that replaying a conversation reproduces it.
-    reservation_id = "R" + f"{abs(hash_text(args['flight_id'] + args['date'] + customer['customer_id'])):X}"[-4:]
-    reservation = {
-        "reservation_id": reservation_id, "customer_id": customer["customer_id"], "flight_id": flight["flight_id"],
-        "origin": flight["origin"], "destination": flight["destination"], "date": args["date"],
-        "cabin": args["cabin"], "passengers": args["passengers"], "bags": 0, "insurance": insurance,
-        "status": "booked", "seat_price": seat_price, "paid": total,
-    }
-    db = replace_record(db, "reservations", reservation_id, reservation)
-    db = replace_record(db, "flights", flight["flight_id"], {**flight, "seats": flight["seats"] - args["passengers"]})
-    db = replace_record(db, "customers", customer["customer_id"],
-                        {**customer, "reservations": customer["reservations"] + [reservation_id]})
-    return {"reservation_id": reservation_id, "status": "booked", "total": total}, db
-
-
-def hash_text(text: str) -> int:
-    """A small stable string hash (Python's hash() is salted per process)."""
-    value = 0
-    for char in text:
-        value = (value * 131 + ord(char)) % 1_000_003
-    return value + 0x10000
-
-
-def cancel_reservation(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    reservation = db["reservations"].get(args["reservation_id"])
-    if reservation is None:
-        return error(f"reservation {args['reservation_id']} not found"), db
-    if reservation["status"] != "booked":
-        return error(f"reservation {reservation['reservation_id']} is already {reservation['status']}"), db
-    if not (reservation["insurance"] or reservation["cabin"] == "business"):
-        return error("only business or insured reservations can be cancelled"), db
-    updated = {**reservation, "status": "cancelled"}
-    return ({"reservation_id": reservation["reservation_id"], "status": "cancelled", "refund": reservation["paid"]},
-            replace_record(db, "reservations", reservation["reservation_id"], updated))
-
-
-def change_flight(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    reservation = db["reservations"].get(args["reservation_id"])
-    flight = db["flights"].get(args["flight_id"])
-    if reservation is None or flight is None:
-        return error("unknown reservation or flight"), db
-    if reservation["cabin"] == "basic":
-        return error("basic fares cannot change flights"), db
-    if (flight["origin"], flight["destination"]) != (reservation["origin"], reservation["destination"]):
-        return error("the new flight must fly the same route"), db
-    if flight["seats"] < reservation["passengers"]:
-        return error(f"only {flight['seats']} seats left on {flight['flight_id']}"), db
-    seat_price = flight["prices"][reservation["cabin"]]
-    difference = (seat_price - reservation["seat_price"]) * reservation["passengers"]
-    updated = {**reservation, "flight_id": flight["flight_id"], "seat_price": seat_price,
-               "paid": reservation["paid"] + difference}
-    return ({"reservation_id": reservation["reservation_id"], "flight_id": flight["flight_id"],
-             "fare_difference": difference},
-            replace_record(db, "reservations", reservation["reservation_id"], updated))
-
-
-def add_bags(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    reservation = db["reservations"].get(args["reservation_id"])
-    if reservation is None:
-        return error(f"reservation {args['reservation_id']} not found"), db
-    total_bags = reservation["bags"] + args["bags"]
-    if total_bags > MAX_BAGS:
-        return error(f"at most {MAX_BAGS} bags per reservation"), db
-    customer = db["customers"][reservation["customer_id"]]
-    fee = 0 if customer["tier"] == "gold" else BAG_FEE * args["bags"]
-    updated = {**reservation, "bags": total_bags, "paid": reservation["paid"] + fee}
-    return ({"reservation_id": reservation["reservation_id"], "bags": total_bags, "fee": fee},
-            replace_record(db, "reservations", reservation["reservation_id"], updated))
-
-
-def flight_status(db: Db, args: dict[str, Any]) -> tuple[ToolResult, Db]:
-    flight = db["flights"].get(args["flight_id"])
-    if flight is None:
-        return error(f"flight {args['flight_id']} not found"), db
-    return {"flight_id": flight["flight_id"], "date": args["date"], "status": flight["status"],
-            "delay_min": flight["delay_min"]}, db
-
-
-TOOLS = (
-    Tool("verify_customer", "Verify a customer.",
-         params({"customer_id": STRING, "last_name": STRING}), verify_customer, auth_key="customer_id"),
-    Tool("get_customer", "List a customer's reservations.", params({"customer_id": STRING}), get_customer),
-    Tool("get_reservation", "Get a reservation.", params({"reservation_id": STRING}), get_reservation),
-    Tool("search_flights", "Search flights.",
-         params({"origin": STRING, "destination": STRING, "date": STRING}, {"cabin": enum(*CABINS)}),
-         search_flights),
-    Tool("book_flight", "Book a flight.",
-         params({"customer_id": STRING, "flight_id": STRING, "date": STRING, "cabin": enum(*CABINS),
-                 "passengers": INTEGER}, {"insurance": BOOLEAN}), book_flight, writes=True),
-    Tool("cancel_reservation", "Cancel a reservation.", params({"reservation_id": STRING}), cancel_reservation,
-         writes=True),
-    Tool("change_flight", "Change a reservation's flight.",
-         params({"reservation_id": STRING, "flight_id": STRING}), change_flight, writes=True),
-    Tool("add_bags", "Add checked bags.", params({"reservation_id": STRING, "bags": INTEGER}),
-         add_bags, writes=True),
-    Tool("flight_status", "Get a flight's status on a date.", params({"flight_id": STRING, "date": STRING}),
-         flight_status, public=True),
-)
-
-
-# ----------------------------------------------------------------------------- conversations
-
-
-def people(count: int) -> str:
-    return f"{count} passenger" + ("s" if count > 1 else "")
-
-
-class AirlineChat:
-    """Scripts one airline conversation about the database's single customer."""
-
-    def __init__(self, dlg: Dialogue) -> None:
-        self.dlg = dlg
-        self.rng = dlg.rng
-        self.customer = next(iter(dlg.db["customers"].values()))
-        self.upfront_auth = self.rng.random() < 0.75
-        self.tier: str | None = None
-
-    # -- shared steps
-
-    def auth_sentence(self) -> str:
-        customer = self.customer
-        return self.dlg.pick(("My customer id is {cid}, last name {last}.", "I'm {first} {last}, id {cid}.",
-                              "Customer {cid}, {first} {last}.", "Last name {last}, customer id {cid}."),
-                             cid=customer["customer_id"], first=customer["first_name"], last=customer["last_name"])
-
-    def open_request(self, first: bool, request: str, goal: str, reservation_id: str | None,
-                     can_search: bool = False) -> None:
-        """The request, then verification and the reservation id when they are missing.
-
-        can_search: the user named the destination instead of the id, so the policy says to find the
-        reservation (the caller does) rather than ask for the id.
-        """
-        dlg = self.dlg
-        needs_auth = dlg.authenticated is None
-        gave_auth = needs_auth and first and self.upfront_auth
-        dlg.user(sentences(dlg, [request, self.auth_sentence()]) if gave_auth else request)
-        missing = reservation_id is not None and reservation_id not in request and not can_search
-        if needs_auth and not gave_auth:
-            with_id = missing and self.rng.random() < 0.5
-            wanted = "customer id and last name" + (", and the reservation id" if with_id else "")
-            ask = "your " + wanted
-            dlg.say(dlg.pick(("Sure. First I need {ask}.", "I can help. Please give me {ask}.",
-                              "Happy to help; could you share {ask}?"), ask=ask),
-                    f"The user wants to {goal} but is not verified. The policy requires verification first, so "
-                    f"I ask for their {wanted}.")
-            parts = [self.auth_sentence()]
-            if with_id:
-                parts.append(dlg.pick(("Reservation {rid}.", "The booking is {rid}."), rid=reservation_id))
-                missing = False
-            dlg.user(sentences(dlg, parts))
-        if needs_auth:
-            customer = self.customer
-            result = dlg.call("verify_customer",
-                              {"customer_id": customer["customer_id"], "last_name": customer["last_name"]},
-                              f"The user gave customer id {customer['customer_id']} and last name "
-                              f"{customer['last_name']}. I must verify them first, so I call verify_customer.")
-            self.tier = result["tier"]
-        if missing:
-            dlg.say(dlg.pick(("Which reservation is it? Please give me the reservation id.",
-                              "Could you tell me the reservation id?")),
-                    f"The customer {dlg.authenticated} is verified and wants to {goal}, but gave no reservation "
-                    "id. I ask for it rather than guess.")
-            dlg.user(dlg.pick(("It's {rid}.", "{rid}.", "Reservation {rid}."), rid=reservation_id))
-
-    def reservation_phrase(self, reservation_id: str, with_id: tuple[str, ...], without_id: tuple[str, ...],
-                           **slots: Any) -> str:
-        templates = with_id if self.rng.random() < 0.75 else without_id
-        return self.dlg.pick(templates, rid=reservation_id, **slots)
-
-    def find_reservation(self, first: bool, reservation: dict[str, Any], goal: str, purpose: str,
-                         with_id: tuple[str, ...], by_place: tuple[str, ...], without_id: tuple[str, ...],
-                         **slots: Any) -> dict[str, Any]:
-        """The request (naming the reservation id 65%, its destination 20%, nothing 15%), verification,
-        then the reservation read with get_reservation, or found among the customer's reservations."""
-        roll = self.rng.random()
-        templates = with_id if roll < 0.65 else by_place if roll < 0.85 else without_id
-        rid, destination = reservation["reservation_id"], reservation["destination"]
-        request = self.dlg.pick(templates, rid=rid, dest=destination, **slots)
-        by_destination = templates is by_place
-        self.open_request(first, request, goal, rid, can_search=by_destination)
-        if not by_destination:
-            return self.look_up(rid, purpose)
-        dlg = self.dlg
-        result = dlg.call("get_customer", {"customer_id": dlg.authenticated},
-                          f"The customer {dlg.authenticated} is verified and wants to {goal} for the trip to "
-                          f"{destination}, without a reservation id. I call get_customer to list reservations.")
-        checked: list[str] = []
-        for candidate in result["reservations"]:
-            reasoning = (f"Reservation {checked[-1]} does not fly to {destination}. I check the next one, "
-                         f"{candidate}, with get_reservation." if checked else
-                         f"get_customer lists {listing(result['reservations'])}. To find the trip to {destination} "
-                         f"I call get_reservation on the first, {candidate}.")
-            current = dlg.call("get_reservation", {"reservation_id": candidate}, reasoning)
-            if current["destination"] == destination:
-                return current
-            checked.append(candidate)
-        raise RuntimeError(f"no reservation to {destination}")  # make_db books each route at most once
-
-    def look_up(self, reservation_id: str, why: str) -> dict[str, Any]:
-        return self.dlg.call("get_reservation", {"reservation_id": reservation_id},
-                             f"The customer {self.dlg.authenticated} is verified and named reservation "
-                             f"{reservation_id}. I call get_reservation to {why}.")
-
-    def pick_reservation(self, fits: Any, bias: float = 0.65) -> dict[str, Any]:
-        reservations = [self.dlg.db["reservations"][rid] for rid in self.customer["reservations"]
-                        if rid in self.dlg.db["reservations"]]
-        fitting = [reservation for reservation in reservations if fits(reservation)]
-        return self.rng.choice(fitting if fitting and self.rng.random() < bias else reservations)
-
-    def flight_options(self, search: dict[str, Any], exclude: str | None, passengers: int) -> list[dict[str, Any]]:
-        return [flight for flight in search["flights"] if flight["flight_id"] != exclude
-                and flight["seats"] >= passengers]
-
-    @staticmethod
-    def describe(flights: list[dict[str, Any]]) -> str:
-        return listing([f"{flight['flight_id']} at {flight['depart']} for {money(flight['price'])}"
-                        for flight in flights])
-
-    def preference(self) -> tuple[str | None, str]:
-        """Half the users say upfront which flight they want (earliest, latest, cheapest): (key, sentence)."""
-        key = self.rng.choice((None, None, None, "earliest", "latest", "cheapest"))
-        if key is None:
-            return None, ""
-        return key, self.dlg.pick(("The {key} flight is fine.", "I'd like the {key} one.", "Give me the {key} option."),
-                                  key=key)
-
-    def choose_flight(self, options: list[dict[str, Any]], preference: str | None,
-                      listed_reasoning: str) -> tuple[dict[str, Any], str]:
-        """The flight to act on, and why: the user's stated preference applied to the options, or
-        (no preference) the assistant lists the options and the user picks one by id or time."""
-        if preference == "earliest":
-            chosen = min(options, key=lambda flight: flight["depart"])
-        elif preference == "latest":
-            chosen = max(options, key=lambda flight: flight["depart"])
-        elif preference == "cheapest":
-            chosen = min(options, key=lambda flight: (flight["price"], flight["depart"]))
-        else:
-            self.dlg.say(self.dlg.pick(("I found {options} per passenger. Which one would you like?",
-                                        "Available: {options} per seat. Which flight?"), options=self.describe(options)),
-                         listed_reasoning)
-            chosen = self.rng.choice(options)
-            self.dlg.user(self.dlg.pick(("{fid}, please.", "The {time} one.", "I'll take {fid}.",
-                                         "Let's do the {time} flight."), fid=chosen["flight_id"], time=chosen["depart"]))
-            return chosen, f"The user chose {chosen['flight_id']}."
-        detail = f"{money(chosen['price'])}" if preference == "cheapest" else f"departing {chosen['depart']}"
-        return chosen, (f"Of the {len(options)} flight(s) with enough seats, the {preference} is "
-                        f"{chosen['flight_id']}, {detail}.")
-
-    # -- intents
+class AirlineChat(AirlineSteps):
+    """Scripts one airline conversation about the database's single customer, one method per intent."""
 
     def book(self, dlg: Dialogue, first: bool) -> None:
         flights = dlg.db["flights"].values()
         booked = {(r["origin"], r["destination"]) for r in dlg.db["reservations"].values()}
         routes = sorted({(f["origin"], f["destination"]) for f in flights} - booked) or sorted(booked)
         origin, destination = self.rng.choice(routes)
-        date = _date(self.rng)
+        date = random_date(self.rng)
         passengers = self.rng.randint(1, 3)
         cabin = self.rng.choices(CABINS, (2, 5, 2))[0]
         insurance = self.rng.random() < 0.3
@@ -655,7 +291,7 @@ class AirlineChat:
 
     def status(self, dlg: Dialogue, first: bool) -> None:
         flight = self.rng.choice(sorted(dlg.db["flights"].values(), key=lambda flight: flight["flight_id"]))
-        date = _date(self.rng)
+        date = random_date(self.rng)
         dlg.user(dlg.pick(("Is flight {fid} on time on {date}?", "What's the status of {fid} on {date}?",
                            "Any delay for {fid} on {date}?"), fid=flight["flight_id"], date=date))
         result = dlg.call("flight_status", {"flight_id": flight["flight_id"], "date": date},

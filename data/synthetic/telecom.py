@@ -16,7 +16,7 @@ from data.synthetic.world import (
     NUMBER, STRING, Db, Dialogue, Domain, Tool, ToolResult, confirm_write, converse, enum, error, money, params,
     replace_record, sentences, listing,
 )
-from data.synthetic.retail import FIRST_NAMES, LAST_NAMES
+from data.synthetic.retail_tools import FIRST_NAMES, LAST_NAMES
 
 POLICY = (
     "You are the help desk of Volta Mobile. Verify the caller by phone number and PIN before any "
