@@ -206,7 +206,8 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         return summary
     workers = {
         "ours": Worker("ours", [*me, "--worker", "ours"], env, workdir / "ours.log"),
-        "trl": Worker("trl", [*me, "--worker", "trl", "--steps", str(args.steps), "--warmup", str(args.warmup)],
+        "trl": Worker("trl", [*me, "--worker", "trl", "--steps", str(args.steps), "--warmup", str(args.warmup),
+                              "--trl-micro-batch", str(args.trl_micro_batch)],
                       env, workdir / "trl.log"),
     }
     setup_rss = {name: worker.receive("ready")["rss_mib"] for name, worker in workers.items()}
@@ -314,6 +315,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="model, prompts, logs, results (default runs/bench-vs-trl, or runs/bench-vs-trl-MODEL-DTYPE)")
     parser.add_argument("--side-only", action="store_true",
                         help="only the side measurements (rollout vs generate, training FLOP rate), no TRL step")
+    parser.add_argument("--trl-micro-batch", type=int, default=0,
+                        help="rows per TRL micro-batch (0: the whole step for tiny, one group of 8 for a real model; "
+                             "4 fits SmolLM2 in fp32 beside our worker in 24 GB)")
     parser.add_argument("--worker", choices=("ours", "trl", "side"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.workdir is None:
@@ -334,7 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.worker == "ours":
         run_ours(assets)
     elif args.worker == "trl":
-        run_trl(assets, args.warmup + args.steps, Path(args.workdir))
+        run_trl(assets, args.warmup + args.steps, Path(args.workdir), micro_batch=args.trl_micro_batch)
     else:
         run_side_measurements(assets, args.repeats)
 

@@ -125,7 +125,7 @@ def run_ours(assets: dict[str, Any]) -> None:
     send("done", peak_rss_mib=peak_rss_mib())
 
 
-def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path) -> None:
+def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path, micro_batch: int = 0) -> None:
     """TRL's GRPOTrainer on the same model, prompts and settings; a callback takes turns."""
     import torch
     from datasets import Dataset
@@ -142,7 +142,10 @@ def run_trl(assets: dict[str, Any], total_steps: int, workdir: Path) -> None:
     # The tiny model trains all 16 rows at once.  A real model's 32 rows of about 800 tokens would
     # keep about 24 GB of activations without recomputation: TRL accumulates 4 micro-batches of 8
     # (one group each; it still generates all 32 rows at once, in the first micro-step).
-    micro_batch = GROUP_SIZE * per_step if assets.get("model_name", "tiny") == "tiny" else GROUP_SIZE
+    # --trl-micro-batch 4 halves that again (SmolLM2 in fp32 beside our worker in 24 GB).
+    micro_batch = micro_batch or (GROUP_SIZE * per_step if assets.get("model_name", "tiny") == "tiny" else GROUP_SIZE)
+    if (GROUP_SIZE * per_step) % micro_batch:
+        raise SystemExit(f"--trl-micro-batch {micro_batch} must divide the step's {GROUP_SIZE * per_step} rows")
     dataset = Dataset.from_list([{"prompt": prompt["text"]} for prompt in assets["prompts"]])
 
     def reward(completions: list[str], **kwargs: Any) -> list[float]:
