@@ -277,9 +277,12 @@ def load_optimizer_state(optimizer: Any, state: dict[str, Any], *, model: Any) -
 
 
 # Config fields that fix what a checkpoint's weights *are*: resuming with other values would load
-# tensors into a different model (or silently continue a different experiment).
+# tensors into a different model (or silently continue a different experiment: `env` switches
+# between per-turn samples and whole conversations, another data stream and another step).
 IDENTITY_FIELDS: tuple[str, ...] = ("model", "init", "lora", "lora_r", "lora_alpha", "lora_targets", "stage",
-                                    "tiny_vocab_size")
+                                    "tiny_vocab_size", "env")
+# What a config.json written before an identity field existed meant by leaving it out.
+IDENTITY_DEFAULTS: dict[str, Any] = {"env": "none"}
 # Model config entries compared between a checkpoint's weights and the model being trained.
 ARCHITECTURE_FIELDS: tuple[str, ...] = ("model_type", "vocab_size", "hidden_size", "num_hidden_layers",
                                         "num_attention_heads", "num_key_value_heads", "intermediate_size")
@@ -308,7 +311,7 @@ def check_resume_compatible(checkpoint: str | Path, config: Any, policy: Any = N
 
     checkpoint = Path(checkpoint)
     saved_path = checkpoint / "config.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    saved = {**IDENTITY_DEFAULTS, **json.loads(saved_path.read_text())} if saved_path.is_file() else {}
     current = config_to_dict(config)
     differing = [key for key in IDENTITY_FIELDS
                  if key in saved and key in current and not _same_source(saved[key], current[key])]

@@ -60,7 +60,10 @@ task's first prompt once.  `sampling_logprobs` is None (no sampler/trainer gap m
   user replies followed).  From the first turn that leaves it, and past the end of the gold
   actions, turns have no target and are not scored.  Turn 1 always has one.
 
-Not yet: several processes (torchrun), --oversample, KV-cache reuse across turns, evaluation.
+Evaluation of whole episodes (greedy and sampled success, pass^k) is `eval.episodes`, which calls
+`run_episodes` with one episode per task and its own sampling settings.
+
+Not yet: several processes (torchrun), --oversample, KV-cache reuse across turns.
 """
 
 from __future__ import annotations
@@ -138,28 +141,40 @@ def build_tasks(config: GRPOConfig, tokenizer: Any, log: Callable[[str], None] =
 # ----------------------------------------------------------------------------------------------
 
 
-def run_episodes(policy: Policy, tasks: list[EpisodeTask], config: GRPOConfig, *, step: int, first_position: int = 0
+def run_episodes(policy: Policy, tasks: list[EpisodeTask], config: GRPOConfig, *, step: int, first_position: int = 0,
+                 episodes_per_task: int | None = None, sampling: SamplingConfig | None = None
                  ) -> tuple[list[EpisodeRollout], float]:
-    """G episodes per task, task-major (task i's at i*G .. i*G + G-1), and the sampling time in seconds."""
+    """G episodes per task, task-major (task i's at i*G .. i*G + G-1), and the sampling time in seconds.
+
+    G is config.group_size unless `episodes_per_task` is given; each turn samples with the
+    config's temperature / top-p / top-k unless `sampling` (one completion per prompt: group_size
+    1) replaces them.  Evaluation (`eval.episodes`) passes both: 1 episode per task, greedy or not."""
     episodes, elapsed = [], 0.0
+    group_size = episodes_per_task or config.group_size
     for start, end in rollout_chunks(first_position, first_position + len(tasks), config.rollout_batch_prompts):
         began = time.perf_counter()
-        episodes += _run_chunk(policy, tasks[start - first_position:end - first_position], config, step, start)
+        episodes += _run_chunk(policy, tasks[start - first_position:end - first_position], config, step, start,
+                               group_size, sampling)
         elapsed += time.perf_counter() - began
     return episodes, elapsed
 
 
-def _run_chunk(policy: Policy, chunk: list[EpisodeTask], config: GRPOConfig, step: int, position: int
-               ) -> list[EpisodeRollout]:
+def _run_chunk(policy: Policy, chunk: list[EpisodeTask], config: GRPOConfig, step: int, position: int,
+               group_size: int, sampling: SamplingConfig | None) -> list[EpisodeRollout]:
     from data.render import stop_sequences, stop_token_ids
 
     tokenizer = policy.tokenizer
     stops = stop_token_ids(tokenizer)
-    sampling = SamplingConfig(group_size=1, max_new_tokens=config.max_new_tokens, temperature=config.temperature,
-                              top_p=config.top_p, top_k=config.top_k, min_new_tokens=config.min_new_tokens)
+    sampling = sampling or SamplingConfig(group_size=1, max_new_tokens=config.max_new_tokens,
+                                          temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
+                                          min_new_tokens=config.min_new_tokens)
+    if sampling.group_size != 1 or sampling.max_new_tokens != config.max_new_tokens:
+        raise ValueError(f"sampling: each episode is one prompt of a turn's generate call (group_size 1, got "
+                         f"{sampling.group_size}) whose budget is --max-new-tokens {config.max_new_tokens} (got "
+                         f"{sampling.max_new_tokens})")
     items: list[_Live] = []
     for task in chunk:
-        for _ in range(config.group_size):
+        for _ in range(group_size):
             env = Environment(max_turns=config.max_turns)
             if env.reset(task.task).user != task.opening:
                 raise RuntimeError(f"task {task.task.id}: the environment opened with another message than the prompt")
