@@ -4,6 +4,7 @@
     python -m grpo.train                          # preset "default": 17-24 minutes on 2 CPU cores
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
     python -m grpo.train --preset smollm2         # a real model, SmolLM2-135M-Instruct: 60 minutes on 2 CPU cores
+    python -m grpo.train --preset episodes        # default + GRPO over whole conversations + episode evaluation
     python -m grpo.train --out runs/seed1 --seed 1   # --out: default runs/<preset>
 
 Stages, each in its own directory under --out, each reused when a rerun finds it finished:
@@ -22,6 +23,10 @@ Stages, each in its own directory under --out, each reused when a rerun finds it
                  policy GRPO optimises; greedy decoding shows only its mode)
     eval-tau/    smollm2: the four checkpoints on real tau-bench airline turns (../shared, skipped
                  with a printed reason where absent)
+    grpo-episodes/  episodes: GRPO over whole conversations in the synthetic world (--env
+                 synthetic) from the same cold-start checkpoint                   (grpo/episodes.py)
+    eval-episodes/  episodes: cold start, per-turn RL and episode RL on whole test and ood_test
+                 episodes: success, pass^k, turns, errors                         (eval/episodes.py)
 
 This module is the only one above `sft` and `eval`; nothing imports it.
 """
@@ -90,6 +95,19 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "eval": {"limit": 8, "batch_size": 8, "max_new_tokens": 24, "max_prompt_length": 768},
         "eval_sampled": {"temperature": 1.0},
     },
+}
+
+
+# Whole conversations (beyond the paper): the default pipeline's stages as they are, then GRPO over
+# whole episodes in the synthetic world from the same cold start, and the three policies (cold
+# start, per-turn RL, episode RL) evaluated on whole test and ood_test episodes (eval.episodes).
+_EPISODE_BUDGET = {"max_turns": 12, "max_new_tokens": 96, "max_episode_tokens": 1536}
+PRESETS["episodes"] = {
+    **PRESETS["default"],
+    "grpo_episodes": {"max_steps": 40, "prompts_per_step": 4, "group_size": 8, "rollout_batch_prompts": 4,
+                      "lr": 5e-4, "save_every": 20, "sample_every": 10, "train_micro_batch": 16,
+                      "max_prompt_length": 768, "episode_reward": "mean_turn", **_EPISODE_BUDGET},
+    "eval_episodes": {"tasks": 50, "k": 4, "batch_size": 16, **_EPISODE_BUDGET},
 }
 
 
@@ -195,6 +213,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {"timings_s": timings, "checkpoints": {
         "untrained": str(base_dir), "sft": str(sft_checkpoint), "coldstart": str(coldstart_checkpoint), "rl": str(grpo_checkpoint)}}
+    if "grpo_episodes" in preset:  # GRPO over whole conversations, from the same cold start
+        summary["checkpoints"]["rl_episodes"] = str(stage("grpo-episodes", lambda d: grpo_train(GRPOConfig(
+            init=str(coldstart_checkpoint), out=str(d), env="synthetic", similarity=config.similarity, **common,
+            **preset["grpo_episodes"]))))
     if not config.skip_eval:
         began = time.perf_counter()
         eval_config = EvalConfig(
@@ -223,6 +245,18 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             else:
                 print(f"[pipeline] tau-bench airline evaluation skipped: {TAU_AIRLINE} is absent (it lives in the "
                       f"project's shared/ folder beside the repository)")
+        if "eval_episodes" in preset:
+            # Whole episodes of the test and ood_test tasks: cold start, per-turn RL, episode RL.
+            from eval.episodes import EpisodeEvalConfig, run_eval as run_episode_eval
+
+            began = time.perf_counter()
+            checkpoints = summary["checkpoints"]
+            summary["eval_episodes"] = run_episode_eval(EpisodeEvalConfig(
+                checkpoint=f"coldstart={checkpoints['coldstart']},rl={checkpoints['rl']},"
+                           f"rl_episodes={checkpoints['rl_episodes']}",
+                out=str(out / "eval-episodes"), seed=config.seed, device=config.device, threads=config.threads,
+                format_prompt=common["format_prompt"], **preset["eval_episodes"]))
+            timings["eval-episodes"] = time.perf_counter() - began
         try:
             from eval.plot import plot_run
 

@@ -123,6 +123,8 @@ def open_run(config: Any, context: Distributed, device: torch.device) -> RunStar
     resume_from = latest_checkpoint(run_dir) if config.resume else None
     state = load_trainer_state(resume_from) if resume_from is not None else None
     start_step = int(state["step"]) if state is not None else 0
+    if resume_from is not None:  # the settings, before touching the run's files or loading a model for nothing
+        check_resume_compatible(resume_from, config)
     if state is not None and context.is_main:
         trim_logs(run_dir, start_step)  # drop what a killed run logged after its last checkpoint
     logger = RunLogger(run_dir, enabled=context.is_main)
@@ -131,8 +133,6 @@ def open_run(config: Any, context: Distributed, device: torch.device) -> RunStar
         log(f"--resume: no checkpoint in {run_dir}/checkpoints yet, starting from step 0")
     if context.is_main:
         write_json(run_dir / "config.json", config_to_dict(config))
-    if resume_from is not None:
-        check_resume_compatible(resume_from, config)  # the settings, before loading a model for nothing
     return RunStart(run_dir, resume_from, state, start_step, logger, log, resolve_dtype(config.dtype, device))
 
 

@@ -290,11 +290,14 @@ def test_a_bad_checkpoint_path_or_split_names_the_flag(tmp_path, trained_run):
 
 
 def test_resume_with_another_env_is_refused(tmp_path, trained_run, tiny_base):
-    run = shutil.copytree(trained_run, tmp_path / "run")  # a refused resume still rewrites RUN/config.json
+    run = shutil.copytree(trained_run, tmp_path / "run")
     checkpoint = latest_checkpoint(run)
+    files = {name: (run / name).read_bytes() for name in ("config.json", "metrics.jsonl")}
     with pytest.raises(SystemExit, match="env='synthetic'.*env='none'"):
         trainer.train(GRPOConfig(out=str(run), resume=True, model=str(tiny_base), env="none", max_steps=2,
                                  group_size=2, prompts_per_step=1, lora_r=4, lora_alpha=8))
+    # Refused before the run's files are touched: its config and logs are as they were.
+    assert {name: (run / name).read_bytes() for name in files} == files
     check_resume_compatible(checkpoint, GRPOConfig(model=str(tiny_base), env="synthetic", lora_r=4, lora_alpha=8))
     # A checkpoint written before --env existed trained on per-turn samples: env 'none'.
     old = tmp_path / "old"
