@@ -16,12 +16,10 @@ import torch
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
+    """--device for a one-process tool (evaluation): what a training run's rank 0 would use."""
+    from grpo.distributed import resolve_run_device
+
+    return resolve_run_device(name, local_rank=0)
 
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
