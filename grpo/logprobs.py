@@ -262,7 +262,12 @@ def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_ma
     from transformers import AttentionInterface
 
     decoder = causal_lm.get_decoder()
-    prompt_last, prompt_keys, prompt_values = _prompt_forward(decoder, causal_lm.config, prompt_ids, prompt_mask)
+    # FSDP: every rank must run as many forward passes (each gathers the layers' shards), and
+    # whether prompts are unpadded depends on each rank's data, so sharded models keep the batch.
+    from grpo.distributed import fsdp_modules
+
+    prompt_last, prompt_keys, prompt_values = _prompt_forward(decoder, causal_lm.config, prompt_ids, prompt_mask,
+                                                              unpad=not fsdp_modules(model))
     # The last prompt position is a real token (left padding): it predicts completion token 0.
     last_prompt_hidden = prompt_last.repeat_interleave(group_size, dim=0)  # [B*G, 1, H]
     rows = num_prompts * group_size
@@ -290,8 +295,8 @@ def grouped_token_logprobs(model: torch.nn.Module, prompt_ids: Tensor, prompt_ma
 UNPAD_PROMPTS_ABOVE = 0.1
 
 
-def _prompt_forward(decoder: torch.nn.Module, config: Any, prompt_ids: Tensor, prompt_mask: Tensor
-                    ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+def _prompt_forward(decoder: torch.nn.Module, config: Any, prompt_ids: Tensor, prompt_mask: Tensor, *,
+                    unpad: bool = True) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The prompts through the decoder (with gradient when it is on): the last position's hidden
     state [B, 1, H] and every layer's keys and values [B, kv_heads, P, head_dim].
 
@@ -301,6 +306,7 @@ def _prompt_forward(decoder: torch.nn.Module, config: Any, prompt_ids: Tensor, p
     real tokens, and its keys and values are left-padded with zeros afterwards, where the
     completions' attention masks them exactly as it masks padding.  The positions count real
     tokens either way, so the values are those of the batched forward (up to float rounding).
+    unpad=False always runs the padded batch (FSDP, where ranks must run equal numbers of passes).
     """
     from transformers import DynamicCache
 
@@ -308,7 +314,7 @@ def _prompt_forward(decoder: torch.nn.Module, config: Any, prompt_ids: Tensor, p
     lengths = [int(n) for n in prompt_mask.sum(-1)]
     left_padded = all(bool(prompt_mask[b, prompt_length - n:].all()) for b, n in enumerate(lengths))
     padding_share = 1.0 - sum(lengths) / max(num_prompts * prompt_length, 1)
-    if num_prompts == 1 or not left_padded or padding_share <= UNPAD_PROMPTS_ABOVE:
+    if not unpad or num_prompts == 1 or not left_padded or padding_share <= UNPAD_PROMPTS_ABOVE:
         cache = DynamicCache(config=config)
         hidden = decoder(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
                          use_cache=True, **cache_argument(decoder, cache)).last_hidden_state
