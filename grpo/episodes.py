@@ -10,7 +10,7 @@ One step, `episode_step` (the counterpart of `grpo.step.grpo_step`, called by th
     tasks (generate_tasks(seed)["train"], in grpo.prompts.prompt_batches order)      build_tasks
       -> G episodes per task, turn by turn: sample, parse, env.step, append     run_episodes
       -> one reward per episode                                                 episode_rewards
-      -> advantages [B, G] within each task's G episodes                        grpo.advantages.group_advantages
+      -> advantages [B, G] within each task's G episodes                        grpo.step.select_and_advantages
       -> one training row per episode, loss on sampled tokens only              episode_batches
       -> mu passes of the clipped objective, one AdamW step                     grpo.update.policy_update
       -> metrics                                                                episode_metrics
@@ -77,14 +77,14 @@ from typing import Any, Callable
 import torch
 
 from data.synthetic.env import Environment, Episode
-from grpo.advantages import advantage_stats, group_advantages
+from grpo.advantages import advantage_stats
 from grpo.distributed import SINGLE, Distributed
 from grpo.episode_tokens import EpisodeTask, episode_task, message_segment
 from grpo.flags import GRPOConfig
 from grpo.policy import Policy, pad_token_id
 from grpo.rollout import SamplingConfig, generate
 from grpo.runtime import derived_seed
-from grpo.step import NonFiniteRewards, StepResult, rollout_chunks
+from grpo.step import StepResult, rollout_chunks, select_and_advantages
 from grpo.update import StepBatch, policy_update
 
 RewardFn = Callable[[list[str], list[dict]], list[Any]]
@@ -357,11 +357,11 @@ def episode_step(policy: Policy, tasks: list[EpisodeTask], config: GRPOConfig, o
         raise ValueError("episode_step runs in one process (--env synthetic is refused under torchrun)")
     episodes, rollout_time = run_episodes(policy, tasks, config, step=step, first_position=first_position)
     rewards, scored = episode_rewards(episodes, config, reward_fn)
-    if not torch.isfinite(rewards).any():
-        raise NonFiniteRewards(f"step {step + 1}: every episode reward is NaN or infinite; stopping")
-    advantages = group_advantages(rewards, scale=config.scale_rewards)
+    # The per-turn step's own: the all-non-finite stop, then group-normalised advantages.
+    rewards, _, advantages = select_and_advantages(rewards, config, context, first_position, step)
     pad_id = pad_token_id(policy.tokenizer, policy.tokenizer.eos_token_id)
-    batches = episode_batches(episodes, advantages, config.group_size, device, pad_id)
+    batches = episode_batches(episodes, torch.stack([advantages[i] for i in range(len(tasks))]), config.group_size,
+                              device, pad_id)
     # dr_grpo's constant normaliser: the longest row the budget allows, not one turn's limit.
     update_config = dataclasses.replace(config, max_new_tokens=config.max_episode_tokens)
     update = {} if optimizer is None else policy_update(policy, batches, update_config, optimizer, context=context,

@@ -34,11 +34,12 @@ from grpo.episode_tokens import episode_task
 from grpo.episodes import episode_batches, episode_rewards, run_episodes
 from grpo.flags import GRPOConfig
 from grpo.logprobs import token_logprobs
-from grpo.policy import LoraSettings, Policy, load_policy, load_tokenizer
+from grpo.policy import Policy, load_tokenizer
 from grpo.rollout import Rollout, left_pad
 from grpo.update import _sequence_logprobs
 from rewards.score import RewardResult
 from tests.conftest import SHARED
+from tests.test_grpo_update import lora_policy  # noqa: F401  (the tiny policy with non-zero LoRA B)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -61,19 +62,6 @@ def qwen3_tokenizer():
     if not (path / "tokenizer.json").is_file():
         pytest.skip(f"{path} is absent (the real Qwen3 tokenizer lives in ../shared)")
     return load_tokenizer(path)
-
-
-@pytest.fixture(scope="module")
-def lora_policy(tiny_base) -> Policy:
-    """The tiny policy with non-zero LoRA B matrices (so that the adapters change what is sampled)."""
-    torch.manual_seed(0)
-    policy = load_policy(base=str(tiny_base), lora=LoraSettings(r=4, alpha=8))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in policy.model.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
-    return policy
 
 
 def config(**overrides: Any) -> GRPOConfig:
