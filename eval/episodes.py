@@ -83,6 +83,7 @@ class EpisodeEvalConfig:
     format_prompt: bool = field(False, "end every system prompt with the output-format instructions "
                                        "(data.format.FORMAT_INSTRUCTIONS), as the run trained with")
     batch_size: int = field(16, "episodes decoded together (one generate call per turn over a chunk of tasks)")
+    episode_cache: bool = field(True, "keep each episode's KV cache from turn to turn (grpo.train's --episode-cache)")
     out: str = field("runs/eval", "output directory (the files go into OUT/episodes/)")
     device: str = field("auto", "cpu, cuda, cuda:N or auto")
     dtype: str = field("auto", "float32, bfloat16, float16 or auto (bf16 on GPUs and fast-bf16 CPUs: runtime.auto_dtype)")
@@ -107,7 +108,8 @@ def rollout_settings(config: EpisodeEvalConfig) -> Any:
     return GRPOConfig(env="synthetic", seed=config.seed, max_turns=config.max_turns,
                       max_new_tokens=config.max_new_tokens, max_episode_tokens=config.max_episode_tokens,
                       temperature=config.temperature, top_p=config.top_p, top_k=config.top_k,
-                      format_prompt=config.format_prompt, rollout_batch_prompts=config.batch_size)
+                      format_prompt=config.format_prompt, rollout_batch_prompts=config.batch_size,
+                      episode_cache=config.episode_cache)
 
 
 def passes(config: EpisodeEvalConfig) -> list[tuple[str, int, Any]]:

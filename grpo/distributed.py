@@ -326,9 +326,12 @@ def shard_model(context: Distributed, model: torch.nn.Module, device: torch.devi
     return model
 
 
-def fsdp_modules(model: torch.nn.Module) -> list[Any]:
+def fsdp_modules(model: torch.nn.Module | None) -> list[Any]:
+    """The FSDP units of `model` (none for None: a scripted sampler in tests runs without a model)."""
     from torch.distributed.fsdp import FSDPModule
 
+    if model is None:
+        return []
     return [module for module in model.modules() if isinstance(module, FSDPModule)]
 
 

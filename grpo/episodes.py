@@ -15,21 +15,21 @@ One step, `episode_step` (the counterpart of `grpo.step.grpo_step`, called by th
       -> mu passes of the clipped objective, one AdamW step                     grpo.update.policy_update
       -> metrics                                                                episode_metrics
 
-**Rollout.**  Episodes run in chunks of --rollout-batch-prompts tasks (G episodes each).  At each
-turn every live episode of the chunk is one prompt of one `grpo.rollout.generate` call
-(group_size=1: turn 0's G identical prompts are separate rows too, which costs a prefill per
-episode but keeps one code path), with the stop tokens and stop sequences of the per-turn
-rollout and --max-new-tokens per turn.  The sampled text (final stop token dropped) is read by
-`rewards.parse.parse`: a closed tool call becomes `{"name", "arguments"}`, an answer its text,
-anything else `None`, which the environment counts as unparseable; the model is then shown the
-environment's error (`{"error": "could not parse an action"}`) as a tool result and the episode
-goes on.  Every other message (tool results, refusals, the user's replies) is appended as token
-ids built once (`grpo/episode_tokens.py`: sampled tokens are kept as sampled and never
-re-rendered, so earlier think blocks stay in the sequence verbatim, and the model sees its own
-earlier reasoning).
-
-**No KV cache across turns.**  Each turn re-prefills each episode's whole sequence (correct, and
-simple, but slower than keeping each episode's cache from turn to turn: that is not done yet).
+**Rollout.**  Episodes run in chunks of --rollout-batch-prompts tasks (G episodes each), every
+episode of a chunk one row of one KV cache kept from turn to turn (`grpo.episode_cache`, the
+default; --no-episode-cache re-prefills each episode's whole sequence every turn through
+`grpo.rollout.generate`, which samples the same tokens up to float rounding).  Turn 0's G
+identical prompts are separate rows (a prefill per episode, one code path).  Each turn samples
+with the stop tokens and stop sequences of the per-turn rollout and --max-new-tokens per turn,
+and runs only what each live episode gained since its last turn: the turn's last sampled token
+(never fed during decoding) and the environment's segment.  The sampled text (final stop token
+dropped) is read by `rewards.parse.parse`: a closed tool call becomes `{"name", "arguments"}`, an
+answer its text, anything else `None`, which the environment counts as unparseable; the model is
+then shown the environment's error (`{"error": "could not parse an action"}`) as a tool result
+and the episode goes on.  Every other message (tool results, refusals, the user's replies) is
+appended as token ids built once (`grpo/episode_tokens.py`: sampled tokens are kept as sampled
+and never re-rendered, so earlier think blocks stay in the sequence verbatim, and the model sees
+its own earlier reasoning).
 
 **Ends** when the environment is done (the user is satisfied, or --max-turns actions were taken),
 or when the next turn might not fit --max-episode-tokens: a turn is sampled only if the sequence
@@ -63,7 +63,12 @@ task's first prompt once.  `sampling_logprobs` is None (no sampler/trainer gap m
 Evaluation of whole episodes (greedy and sampled success, pass^k) is `eval.episodes`, which calls
 `run_episodes` with one episode per task and its own sampling settings.
 
-Not yet: several processes (torchrun), --oversample, KV-cache reuse across turns.
+Several processes (torchrun): as for per-turn GRPO, each rank takes a contiguous share of the
+step's tasks, rolls out and scores their episodes, all-gathers the rewards for the advantages,
+and sums its gradients with the others'; the metrics are sums over ranks.  With tasks per rank a
+multiple of --rollout-batch-prompts, N processes sample what one samples.
+
+Not yet: --oversample.
 """
 
 from __future__ import annotations
@@ -78,6 +83,7 @@ import torch
 
 from data.synthetic.env import Environment, Episode
 from grpo.advantages import advantage_stats
+from grpo import distributed
 from grpo.distributed import SINGLE, Distributed
 from grpo.episode_tokens import EpisodeTask, episode_task, message_segment
 from grpo.flags import GRPOConfig
@@ -161,7 +167,7 @@ def run_episodes(policy: Policy, tasks: list[EpisodeTask], config: GRPOConfig, *
 
 def _run_chunk(policy: Policy, chunk: list[EpisodeTask], config: GRPOConfig, step: int, position: int,
                group_size: int, sampling: SamplingConfig | None) -> list[EpisodeRollout]:
-    from data.render import stop_sequences, stop_token_ids
+    from data.render import stop_token_ids
 
     tokenizer = policy.tokenizer
     stops = stop_token_ids(tokenizer)
@@ -184,21 +190,70 @@ def _run_chunk(policy: Policy, chunk: list[EpisodeTask], config: GRPOConfig, ste
                                  f"{config.max_new_tokens} > --max-episode-tokens {config.max_episode_tokens}")
             row = EpisodeRollout(task.task.id, len(prompt), prompt, [0] * len(prompt), [0.0] * len(prompt))
             items.append(_Live(task, env, row))
-    turn = 0
+    pad_id = pad_token_id(tokenizer, stops[0])
+    with distributed.gathered_for_rollout(policy.model):  # FSDP: ranks run different numbers of passes
+        if config.episode_cache:
+            _sample_turns_cached(policy, items, config, step, position, sampling, stops, pad_id)
+        else:
+            _sample_turns(policy, items, config, step, position, sampling, stops, pad_id)
+    for item in items:
+        item.episode.record = item.env.episode()
+    return [item.episode for item in items]
+
+
+def _sample_turns(policy: Policy, items: list[_Live], config: GRPOConfig, step: int, position: int,
+                  sampling: SamplingConfig, stops: list[int], pad_id: int) -> None:
+    """Every turn of the chunk's episodes, each turn one `generate` call that prefills every live
+    episode's whole sequence again (--no-episode-cache)."""
+    from data.render import stop_sequences
+
+    tokenizer, turn = policy.tokenizer, 0
     while live := [item for item in items if not item.finished]:
         generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, step, position, turn))
         rollout, _ = generate(policy.model, [item.episode.input_ids for item in live], sampling,
-                              pad_token_id=pad_token_id(tokenizer, stops[0]), stop_token_ids=stops,
-                              stop_sequences=stop_sequences(tokenizer), generator=generator)
+                              pad_token_id=pad_id, stop_token_ids=stops, stop_sequences=stop_sequences(tokenizer),
+                              generator=generator)
         for row, item in enumerate(live):
             mask = rollout.completion_mask[row, 0].bool()
             _take_turn(item, rollout.completion_ids[row, 0][mask].tolist(),
                        rollout.sampling_logprobs[row, 0][mask].tolist(), bool(rollout.finished[row, 0]), turn,
                        tokenizer, stops, config)
         turn += 1
-    for item in items:
-        item.episode.record = item.env.episode()
-    return [item.episode for item in items]
+
+
+def _sample_turns_cached(policy: Policy, items: list[_Live], config: GRPOConfig, step: int, position: int,
+                         sampling: SamplingConfig, stops: list[int], pad_id: int) -> None:
+    """Every turn of the chunk's episodes with one KV cache kept across turns (`grpo.episode_cache`):
+    each turn runs only the tokens added since the last (the final sampled token, never fed, and
+    the environment's segment).  Samples what `_sample_turns` samples, up to float rounding."""
+    from data.render import stop_sequences
+    from grpo.episode_cache import EpisodeCache, decode_turn
+    from grpo.hf_compat import causal_lm_of
+    from grpo.lora_fold import rollout_mode
+
+    causal_lm = causal_lm_of(policy.model)
+    if not EpisodeCache.supports(causal_lm):
+        raise ValueError(f"{type(causal_lm).__name__} has sliding-window attention: the episode KV cache cannot "
+                         "keep padded turns in it; use --no-episode-cache")
+    tokenizer, turn = policy.tokenizer, 0
+    live = list(items)
+    cached = [0] * len(items)  # tokens of each live episode already in the cache
+    with rollout_mode(policy.model, fold_lora=sampling.merge_lora), torch.inference_mode():
+        cache = EpisodeCache(causal_lm, len(live), pad_id)
+        while live:
+            logits = cache.extend([item.episode.input_ids[done:] for item, done in zip(live, cached)])
+            cached = [len(item.episode.input_ids) for item in live]
+            generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, step, position, turn))
+            turns, logprobs, finished = decode_turn(cache, logits, sampling, stop_token_ids=stops,
+                                                    stop_sequences=stop_sequences(tokenizer), generator=generator)
+            for item, sampled, token_logprobs, stopped in zip(live, turns, logprobs, finished):
+                _take_turn(item, sampled, token_logprobs, stopped, turn, tokenizer, stops, config)
+            # The decode fed every sampled token but the last of each turn.
+            cached = [done + max(len(sampled) - 1, 0) for done, sampled in zip(cached, turns)]
+            keep = [row for row, item in enumerate(live) if not item.finished]
+            cache.keep(torch.tensor(keep, dtype=torch.long))
+            live, cached = [live[row] for row in keep], [cached[row] for row in keep]
+            turn += 1
 
 
 def _take_turn(item: _Live, sampled: list[int], logprobs: list[float], finished: bool, turn: int, tokenizer: Any,
@@ -315,36 +370,54 @@ def episode_records(episodes: list[EpisodeRollout], rewards: torch.Tensor) -> li
 
 
 def episode_metrics(episodes: list[EpisodeRollout], rewards: torch.Tensor, scored: list[list[Any]],
-                    rollout_time: float) -> dict[str, Any]:
-    """Success rate, turns, invalid actions, refused policy violations, tokens, truncation, rewards."""
-    count = len(episodes)
+                    rollout_time: float, context: Distributed = SINGLE) -> dict[str, Any]:
+    """Success rate, turns, invalid actions, refused policy violations, tokens, truncation, rewards:
+    sums (and maxima) over every rank's episodes; `rewards` [B, G] is already the whole step's."""
     records = [episode.record for episode in episodes]
     sampled = [sum(episode.loss_mask) for episode in episodes]
     turns = [finished for episode in episodes for finished in episode.turn_finished]
-    targets = sum(target is not None for episode in episodes for target in episode.turn_targets)
-    metrics: dict[str, Any] = {
-        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(rewards).items()},
-        "success_rate": sum(record.success for record in records) / count,
-        "episode/turns_mean": sum(record.turns for record in records) / count,
-        "episode/invalid_actions_mean": sum(record.invalid_actions for record in records) / count,
-        "episode/policy_violations_mean": sum(record.policy_violations for record in records) / count,
-        "episode/tokens_mean": sum(len(episode.input_ids) for episode in episodes) / count,
-        "episode/tokens_max": max(len(episode.input_ids) for episode in episodes),
-        "episode/truncated_share": sum(episode.truncated for episode in episodes) / count,
-        "episode/user_done_share": sum(record.user_done for record in records) / count,
-        "episode/gold_path_turn_share": targets / max(len(turns), 1),
-        "completion/length_mean": sum(sampled) / count,  # sampled tokens per episode
-        "completion/length_max": max(sampled),
-        "completion/truncated_share": sum(not finished for finished in turns) / max(len(turns), 1),  # per turn
-        "rollout/tokens": sum(sampled),
-        "rollout/tokens_per_s": sum(sampled) / max(rollout_time, 1e-9),
-        "time/rollout_s": rollout_time,
-    }
     results = [result for turns_scored in scored for result in turns_scored]
+    local_sums: dict[str, float] = {
+        "episodes": len(episodes), "success": sum(record.success for record in records),
+        "turns": sum(record.turns for record in records),
+        "invalid": sum(record.invalid_actions for record in records),
+        "violations": sum(record.policy_violations for record in records),
+        "tokens": sum(len(episode.input_ids) for episode in episodes),
+        "truncated": sum(episode.truncated for episode in episodes),
+        "user_done": sum(record.user_done for record in records),
+        "targets": sum(target is not None for episode in episodes for target in episode.turn_targets),
+        "sampled_turns": len(turns), "unfinished_turns": sum(not finished for finished in turns),
+        "sampled": sum(sampled),
+    }
     for key in ("accuracy", "format", "length"):
         values = [result.components[key] for result in results if key in result.components]
-        if values:
-            metrics[f"reward/{key}"] = sum(values) / len(values)
+        local_sums[f"component/{key}"], local_sums[f"component_count/{key}"] = sum(values), len(values)
+    sums = distributed.all_reduce_numbers(context, local_sums)
+    maxima = distributed.all_reduce_numbers(context, {
+        "tokens": max(len(episode.input_ids) for episode in episodes), "sampled": max(sampled),
+        "time": rollout_time}, op="max")
+    count, sampled_turns = max(sums["episodes"], 1), max(sums["sampled_turns"], 1)
+    metrics: dict[str, Any] = {
+        **{f"reward/{k.removeprefix('reward_')}": v for k, v in advantage_stats(rewards).items()},
+        "success_rate": sums["success"] / count,
+        "episode/turns_mean": sums["turns"] / count,
+        "episode/invalid_actions_mean": sums["invalid"] / count,
+        "episode/policy_violations_mean": sums["violations"] / count,
+        "episode/tokens_mean": sums["tokens"] / count,
+        "episode/tokens_max": int(maxima["tokens"]),
+        "episode/truncated_share": sums["truncated"] / count,
+        "episode/user_done_share": sums["user_done"] / count,
+        "episode/gold_path_turn_share": sums["targets"] / sampled_turns,
+        "completion/length_mean": sums["sampled"] / count,  # sampled tokens per episode
+        "completion/length_max": int(maxima["sampled"]),
+        "completion/truncated_share": sums["unfinished_turns"] / sampled_turns,  # per turn
+        "rollout/tokens": int(sums["sampled"]),
+        "rollout/tokens_per_s": sums["sampled"] / max(maxima["time"], 1e-9),
+        "time/rollout_s": maxima["time"],
+    }
+    for key in ("accuracy", "format", "length"):
+        if sums[f"component_count/{key}"]:
+            metrics[f"reward/{key}"] = sums[f"component/{key}"] / sums[f"component_count/{key}"]
     return metrics
 
 
@@ -353,12 +426,10 @@ def episode_step(policy: Policy, tasks: list[EpisodeTask], config: GRPOConfig, o
                  context: Distributed = SINGLE, reference_policy: Policy | None = None) -> StepResult:
     """One GRPO step over whole episodes of `tasks` (positions first_position.. of the step's list);
     the arguments and the result are grpo_step's.  optimizer=None stops before the update."""
-    if context.world_size > 1:
-        raise ValueError("episode_step runs in one process (--env synthetic is refused under torchrun)")
     episodes, rollout_time = run_episodes(policy, tasks, config, step=step, first_position=first_position)
-    rewards, scored = episode_rewards(episodes, config, reward_fn)
-    # The per-turn step's own: the all-non-finite stop, then group-normalised advantages.
-    rewards, _, advantages = select_and_advantages(rewards, config, context, first_position, step)
+    local_rewards, scored = episode_rewards(episodes, config, reward_fn)
+    # The per-turn step's own: gathered over ranks, the all-non-finite stop, group-normalised advantages.
+    rewards, _, advantages = select_and_advantages(local_rewards, config, context, first_position, step)
     pad_id = pad_token_id(policy.tokenizer, policy.tokenizer.eos_token_id)
     batches = episode_batches(episodes, torch.stack([advantages[i] for i in range(len(tasks))]), config.group_size,
                               device, pad_id)
@@ -366,5 +437,5 @@ def episode_step(policy: Policy, tasks: list[EpisodeTask], config: GRPOConfig, o
     update_config = dataclasses.replace(config, max_new_tokens=config.max_episode_tokens)
     update = {} if optimizer is None else policy_update(policy, batches, update_config, optimizer, context=context,
                                                         reference_policy=reference_policy)
-    metrics = {**episode_metrics(episodes, rewards, scored, rollout_time), **update}
-    return StepResult(batches, rewards, metrics, episode_records(episodes, rewards))
+    metrics = {**episode_metrics(episodes, rewards, scored, rollout_time, context), **update}
+    return StepResult(batches, rewards, metrics, episode_records(episodes, local_rewards))

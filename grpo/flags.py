@@ -88,6 +88,8 @@ class GRPOConfig:
     episode_reward: str = field("success", "--env: success (1 or 0), or mean_turn (success + the mean per-turn "
                                            "reward of the turns that follow the gold conversation)",
                                 choices=("success", "mean_turn"))
+    episode_cache: bool = field(True, "--env: keep each episode's KV cache from turn to turn (off: every turn "
+                                      "prefills the whole episode again; the same samples up to float rounding)")
 
     def __post_init__(self) -> None:
         check_ranges(self, at_least_one=(

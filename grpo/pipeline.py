@@ -5,6 +5,7 @@
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
     python -m grpo.train --preset smollm2         # a real model, SmolLM2-135M-Instruct: 60 minutes on 2 CPU cores
     python -m grpo.train --preset episodes        # default + GRPO over whole conversations + episode evaluation
+    python -m grpo.train --preset smollm2-episodes   # smollm2's training + whole conversations, about an hour
     python -m grpo.train --out runs/seed1 --seed 1   # --out: default runs/<preset>
 
 Stages, each in its own directory under --out, each reused when a rerun finds it finished:
@@ -23,9 +24,9 @@ Stages, each in its own directory under --out, each reused when a rerun finds it
                  policy GRPO optimises; greedy decoding shows only its mode)
     eval-tau/    smollm2: the four checkpoints on real tau-bench airline turns (../shared, skipped
                  with a printed reason where absent)
-    grpo-episodes/  episodes: GRPO over whole conversations in the synthetic world (--env
+    grpo-episodes/  episodes, smollm2-episodes: GRPO over whole conversations in the synthetic world (--env
                  synthetic) from the same cold-start checkpoint                   (grpo/episodes.py)
-    eval-episodes/  episodes: cold start, per-turn RL and episode RL on whole test and ood_test
+    eval-episodes/  episodes, smollm2-episodes: cold start, per-turn RL and episode RL on whole test and ood_test
                  episodes: success, pass^k, turns, errors                         (eval/episodes.py)
 
 This module is the only one above `sft` and `eval`; nothing imports it.
@@ -108,6 +109,21 @@ PRESETS["episodes"] = {
                       "lr": 5e-4, "save_every": 20, "sample_every": 10, "train_micro_batch": 16,
                       "max_prompt_length": 768, "episode_reward": "mean_turn", **_EPISODE_BUDGET},
     "eval_episodes": {"tasks": 50, "k": 4, "batch_size": 16, **_EPISODE_BUDGET},
+}
+# The same on SmolLM2-135M-Instruct in about an hour on the 2-core CPU: the smollm2 preset's
+# training stages as they are (about 27 minutes), then a few steps of episode GRPO and a small
+# episode evaluation.  The per-turn evaluations (eval/, eval-sampled/, eval-tau/: about 32
+# minutes) are left out; `--preset smollm2` runs them.  An hour buys too few steps to expect
+# learning: this preset shows that the loop runs on a real model and what it costs.
+_SMOLLM2_EPISODE_BUDGET = {"max_turns": 8, "max_new_tokens": 96, "max_episode_tokens": 2048}
+PRESETS["smollm2-episodes"] = {
+    **{stage: settings for stage, settings in PRESETS["smollm2"].items() if not stage.startswith("eval")},
+    # 16 episodes per step, trained in micro-batches of 4 rows (an episode row of ~1,500 tokens
+    # keeps about 1 GB of fp32 activations in SmolLM2's 30 layers).
+    "grpo_episodes": {"max_steps": 4, "prompts_per_step": 2, "group_size": 8, "rollout_batch_prompts": 2,
+                      "lr": 5e-4, "save_every": 2, "sample_every": 1, "train_micro_batch": 4,
+                      "max_prompt_length": 1024, "episode_reward": "mean_turn", **_SMOLLM2_EPISODE_BUDGET},
+    "eval_episodes": {"tasks": 10, "k": 2, "batch_size": 10, **_SMOLLM2_EPISODE_BUDGET},
 }
 
 
@@ -218,33 +234,34 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             init=str(coldstart_checkpoint), out=str(d), env="synthetic", similarity=config.similarity, **common,
             **preset["grpo_episodes"]))))
     if not config.skip_eval:
-        began = time.perf_counter()
-        eval_config = EvalConfig(
-            checkpoint=f"untrained={base_dir},sft={sft_checkpoint},coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
-            data="synthetic:test,synthetic:ood_test", out=str(out / "eval"), seed=config.seed,
-            similarity=config.similarity, device=config.device, threads=config.threads,
-            format_prompt=common["format_prompt"], **preset["eval"],
-        )
-        summary["eval"] = run_eval(eval_config)
-        timings["eval"] = time.perf_counter() - began
-        if "eval_sampled" in preset:
-            # Greedy decoding shows the policy's mode; GRPO optimises its samples.  The same turns,
-            # one sample each at the rollout temperature, for the checkpoints before and after GRPO.
+        if "eval" in preset:  # the per-turn evaluations
             began = time.perf_counter()
-            summary["eval_sampled"] = run_eval(dataclasses.replace(
-                eval_config, checkpoint=f"coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
-                out=str(out / "eval-sampled"), greedy=False, **preset["eval_sampled"]))
-            timings["eval-sampled"] = time.perf_counter() - began
-        if "eval_tau" in preset:
-            # Real conversations from outside the project (evaluation only, never trained or tuned on).
-            if TAU_AIRLINE.is_file():
+            eval_config = EvalConfig(
+                checkpoint=f"untrained={base_dir},sft={sft_checkpoint},coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
+                data="synthetic:test,synthetic:ood_test", out=str(out / "eval"), seed=config.seed,
+                similarity=config.similarity, device=config.device, threads=config.threads,
+                format_prompt=common["format_prompt"], **preset["eval"],
+            )
+            summary["eval"] = run_eval(eval_config)
+            timings["eval"] = time.perf_counter() - began
+            if "eval_sampled" in preset:
+                # Greedy decoding shows the policy's mode; GRPO optimises its samples.  The same turns,
+                # one sample each at the rollout temperature, for the checkpoints before and after GRPO.
                 began = time.perf_counter()
-                summary["eval_tau"] = run_eval(dataclasses.replace(
-                    eval_config, data=f"tau-airline={TAU_AIRLINE}", out=str(out / "eval-tau"), **preset["eval_tau"]))
-                timings["eval-tau"] = time.perf_counter() - began
-            else:
-                print(f"[pipeline] tau-bench airline evaluation skipped: {TAU_AIRLINE} is absent (it lives in the "
-                      f"project's shared/ folder beside the repository)")
+                summary["eval_sampled"] = run_eval(dataclasses.replace(
+                    eval_config, checkpoint=f"coldstart={coldstart_checkpoint},rl={grpo_checkpoint}",
+                    out=str(out / "eval-sampled"), greedy=False, **preset["eval_sampled"]))
+                timings["eval-sampled"] = time.perf_counter() - began
+            if "eval_tau" in preset:
+                # Real conversations from outside the project (evaluation only, never trained or tuned on).
+                if TAU_AIRLINE.is_file():
+                    began = time.perf_counter()
+                    summary["eval_tau"] = run_eval(dataclasses.replace(
+                        eval_config, data=f"tau-airline={TAU_AIRLINE}", out=str(out / "eval-tau"), **preset["eval_tau"]))
+                    timings["eval-tau"] = time.perf_counter() - began
+                else:
+                    print(f"[pipeline] tau-bench airline evaluation skipped: {TAU_AIRLINE} is absent (it lives in the "
+                          f"project's shared/ folder beside the repository)")
         if "eval_episodes" in preset:
             # Whole episodes of the test and ood_test tasks: cold start, per-turn RL, episode RL.
             from eval.episodes import EpisodeEvalConfig, run_eval as run_episode_eval
@@ -260,7 +277,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         try:
             from eval.plot import plot_run
 
-            summary["plots"] = [str(p) for p in plot_run(out / "grpo", out / "plots", eval_dir=out / "eval")]
+            summary["plots"] = [str(p) for p in plot_run(out / "grpo", out / "plots",
+                                                         eval_dir=out / "eval" if "eval" in preset else None)]
+            if "grpo_episodes" in preset:
+                summary["plots"] += [str(p) for p in plot_run(out / "grpo-episodes", out / "plots" / "episodes")]
         except ImportError as error:  # matplotlib is an optional extra
             print(f"[pipeline] plots skipped: {error}")
     timings["total"] = sum(v for k, v in timings.items() if k != "total")

@@ -35,8 +35,6 @@ def check_world(config: GRPOConfig, context: Distributed) -> None:
                          f"processes ({context.world_size}): every rank samples whole groups for as many prompts")
     if config.fsdp and not context.enabled:
         raise SystemExit("--fsdp needs several processes: start the run with torchrun --nproc_per_node N (N >= 2)")
-    if config.env != "none" and context.world_size > 1:
-        raise SystemExit(f"--env {config.env} runs in one process for now; start it without torchrun")
 
 
 def make_reward_fn(config: GRPOConfig) -> Callable[[list[str], list[dict]], list[Any]]:

@@ -129,7 +129,7 @@ def tiny_tokenizer(tiny_base):
 
 def eval_config(**overrides: Any) -> EpisodeEvalConfig:
     values = dict(k=3, max_turns=30, max_new_tokens=8, max_episode_tokens=100_000, batch_size=2, seed=7,
-                  progress=False)
+                  progress=False, episode_cache=False)  # the scripted sampler stands in for generate
     return EpisodeEvalConfig(**{**values, **overrides})
 
 

@@ -141,15 +141,17 @@ def test_a_preset_with_a_real_model_runs_every_stage(tmp_path, monkeypatch, tiny
     assert "tau-bench airline evaluation skipped" in capsys.readouterr().out
 
 
-def test_the_episodes_preset_adds_episode_grpo_and_its_evaluation(tmp_path, monkeypatch, tiny_base):
-    """The wiring of `--preset episodes`: after the default stages, GRPO over whole conversations
-    from the same cold-start checkpoint, then cold start, per-turn RL and episode RL evaluated on
-    whole episodes (on the trainer tests' tiny model with budgets of a step or two)."""
+@pytest.mark.parametrize("name", ["episodes", "smollm2-episodes"])
+def test_the_episodes_presets_add_episode_grpo_and_its_evaluation(tmp_path, monkeypatch, tiny_base, name):
+    """The wiring of `--preset episodes` and `--preset smollm2-episodes`: after the training stages,
+    GRPO over whole conversations from the same cold-start checkpoint, then cold start, per-turn RL
+    and episode RL evaluated on whole episodes (on the trainer tests' tiny model with budgets of a
+    step or two).  smollm2-episodes states the format in every stage and skips the per-turn evaluations."""
     import copy
 
     import grpo.pipeline as pipeline
 
-    preset = copy.deepcopy(pipeline.PRESETS["episodes"])
+    preset = copy.deepcopy(pipeline.PRESETS[name])
     preset["model"] = str(tiny_base)  # a plain folder instead of a tiny model built from scratch
     for stage in ("sft_base", "coldstart", "grpo", "grpo_episodes"):
         preset[stage].update(max_steps=1, save_every=0)
@@ -157,12 +159,13 @@ def test_the_episodes_preset_adds_episode_grpo_and_its_evaluation(tmp_path, monk
     preset["grpo"].update(prompts_per_step=1, rollout_batch_prompts=1, group_size=2, max_new_tokens=8)
     preset["grpo_episodes"].update(prompts_per_step=1, rollout_batch_prompts=1, group_size=2, max_new_tokens=8,
                                    max_turns=2, episode_reward="success")
-    preset["eval"].update(limit=2, max_new_tokens=8)
-    preset["eval_episodes"].update(tasks=2, k=2, max_turns=2, max_new_tokens=8)
-    monkeypatch.setitem(pipeline.PRESETS, "episodes", preset)
+    if "eval" in preset:
+        preset["eval"].update(limit=2, max_new_tokens=8)
+    preset["eval_episodes"].update(tasks=2, k=2, max_turns=2, max_new_tokens=8, batch_size=2)
+    monkeypatch.setitem(pipeline.PRESETS, name, preset)
 
     out = tmp_path / "run"
-    summary = pipeline.run_pipeline(pipeline.PipelineConfig(preset="episodes", out=str(out), similarity="lexical",
+    summary = pipeline.run_pipeline(pipeline.PipelineConfig(preset=name, out=str(out), similarity="lexical",
                                                             threads=1))
     config = json.loads((out / "grpo-episodes" / "config.json").read_text())
     assert config["env"] == "synthetic" and config["init"] == summary["checkpoints"]["coldstart"]
@@ -171,3 +174,7 @@ def test_the_episodes_preset_adds_episode_grpo_and_its_evaluation(tmp_path, monk
     assert "eval-episodes" in summary["timings_s"]
     for split in ("test", "ood_test"):
         assert set(results["results"][split]) == {"coldstart", "rl", "rl_episodes"}, split
+    format_prompt = name == "smollm2-episodes"
+    assert config["format_prompt"] is format_prompt and results["config"]["format_prompt"] is format_prompt
+    assert (out / "eval").is_dir() is not format_prompt  # smollm2-episodes: no per-turn evaluation
+    assert (out / "plots" / "episodes" / "rewards.png").is_file()
