@@ -17,8 +17,8 @@ references run in the test process with one process and the same *global* batch:
   a plain safetensors model.
 - GRPO with --oversample 2: the same sampled groups as one process (each rank then keeps its
   share from its own groups).
-- GRPO over whole conversations (--env synthetic), LoRA replicas and FSDP2: the same episodes
-  (global metrics) and weights as one process.
+- GRPO over whole conversations (--env synthetic), LoRA replicas and FSDP2, and a 1-step run
+  resumed to 2 steps by both ranks: the same episodes (global metrics) and weights as one process.
 - Rank 0 alone writes the run directory: one metrics line per step, one log line per event.
 
 Pure functions (shard_bounds, rollout_chunks, the single-process collectives) are tested
@@ -208,6 +208,8 @@ def two_process_runs(setup, tmp_path_factory):
         "oversample": ("grpo", grpo_argv(tiny_base, data, root / "oversample", **OVERSAMPLE)),
         "episodes": ("grpo", grpo_argv(tiny_base, data, root / "episodes", **EPISODES)),
         "episodes-fsdp": ("grpo", grpo_argv(tiny_base, data, root / "episodes-fsdp", **{**EPISODES, **FSDP})),
+        "episodes-split": ("grpo", grpo_argv(tiny_base, data, root / "episodes-split", **{**EPISODES, "max-steps": 1})),
+        "episodes-resumed": ("grpo", grpo_argv(tiny_base, data, root / "episodes-split", resume=True, **EPISODES)),
     }
     spec = root / "spec.json"
     spec.write_text(json.dumps([[entry, argv] for entry, argv in runs.values()]))
@@ -219,7 +221,8 @@ def two_process_runs(setup, tmp_path_factory):
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
-    return {name: root / name for name in runs} | {"grpo-resumed": root / "grpo-split", "fsdp-resumed": root / "fsdp-split"}
+    return {name: root / name for name in runs} | {"grpo-resumed": root / "grpo-split", "fsdp-resumed": root / "fsdp-split",
+                                                  "episodes-resumed": root / "episodes-split"}
 
 
 @pytest.fixture(scope="module")
@@ -290,10 +293,12 @@ EPISODE_METRICS = ("reward/mean", "reward/std", "success_rate", "episode/turns_m
                    "episode/gold_path_turn_share", "reward/accuracy", "loss", "loss/num_tokens", "grad_norm")
 
 
-@pytest.mark.parametrize("two_name, one_name", [("episodes", "episodes"), ("episodes-fsdp", "episodes-full")])
+@pytest.mark.parametrize("two_name, one_name", [("episodes", "episodes"), ("episodes-fsdp", "episodes-full"),
+                                                ("episodes-resumed", "episodes")])
 def test_episode_grpo_two_processes_equal_one(two_process_runs, one_process, setup, two_name, one_name):
     """Whole conversations under torchrun: the same episodes (metrics are global sums) and the same
-    weights as one process, with LoRA replicas and with FSDP2 full fine-tuning."""
+    weights as one process, with LoRA replicas, with FSDP2 full fine-tuning, and resumed by both
+    ranks after step 1."""
     from safetensors.torch import load_file
 
     two, one = read_metrics(two_process_runs[two_name]), read_metrics(one_process[one_name])
@@ -302,6 +307,8 @@ def test_episode_grpo_two_processes_equal_one(two_process_runs, one_process, set
         assert [record[key] for record in two] == pytest.approx([record[key] for record in one], rel=1e-4,
                                                                 abs=1e-6), key
     assert one[0]["episode/turns_mean"] > 1 and one[0]["reward/std"] > 0  # real episodes, with spread
+    if two_name == "episodes-resumed":
+        assert "at step 1" in (two_process_runs[two_name] / "log.txt").read_text()
     expected = trained_tensors(one_process[one_name])
     moved = (load_file(setup[0] / "model.safetensors") if two_name == "episodes-fsdp" else
              {name: torch.zeros_like(tensor) for name, tensor in expected.items() if "lora_B" in name})
