@@ -111,19 +111,20 @@ PRESETS["episodes"] = {
     "eval_episodes": {"tasks": 50, "k": 4, "batch_size": 16, **_EPISODE_BUDGET},
 }
 # The same on SmolLM2-135M-Instruct in about an hour on the 2-core CPU: the smollm2 preset's
-# training stages as they are (about 27 minutes), then a few steps of episode GRPO and a small
-# episode evaluation.  The per-turn evaluations (eval/, eval-sampled/, eval-tau/: about 32
-# minutes) are left out; `--preset smollm2` runs them.  An hour buys too few steps to expect
-# learning: this preset shows that the loop runs on a real model and what it costs.
-_SMOLLM2_EPISODE_BUDGET = {"max_turns": 8, "max_new_tokens": 96, "max_episode_tokens": 2048}
+# training stages as they are (about 20 minutes), then three steps of episode GRPO (about 10) and
+# a small episode evaluation (about 14): 44.8 minutes in all on the 2-core CPU (README).  The
+# per-turn evaluations (eval/, eval-sampled/, eval-tau/: about 32 minutes) are left out;
+# `--preset smollm2` runs them.  An hour buys too few steps to expect learning: this preset shows
+# that the loop runs on a real model and what it costs.
+_SMOLLM2_EPISODE_BUDGET = {"max_turns": 6, "max_new_tokens": 96, "max_episode_tokens": 2048}
 PRESETS["smollm2-episodes"] = {
     **{stage: settings for stage, settings in PRESETS["smollm2"].items() if not stage.startswith("eval")},
     # 16 episodes per step, trained in micro-batches of 4 rows (an episode row of ~1,500 tokens
     # keeps about 1 GB of fp32 activations in SmolLM2's 30 layers).
-    "grpo_episodes": {"max_steps": 4, "prompts_per_step": 2, "group_size": 8, "rollout_batch_prompts": 2,
-                      "lr": 5e-4, "save_every": 2, "sample_every": 1, "train_micro_batch": 4,
+    "grpo_episodes": {"max_steps": 3, "prompts_per_step": 2, "group_size": 8, "rollout_batch_prompts": 2,
+                      "lr": 5e-4, "save_every": 1, "sample_every": 1, "train_micro_batch": 4,
                       "max_prompt_length": 1024, "episode_reward": "mean_turn", **_SMOLLM2_EPISODE_BUDGET},
-    "eval_episodes": {"tasks": 10, "k": 2, "batch_size": 10, **_SMOLLM2_EPISODE_BUDGET},
+    "eval_episodes": {"tasks": 5, "k": 2, "batch_size": 10, **_SMOLLM2_EPISODE_BUDGET},
 }
 
 
