@@ -5,7 +5,7 @@
     python -m grpo.train --preset smoke           # the same stages, tiny budgets, under 2 minutes (CI)
     python -m grpo.train --preset smollm2         # a real model, SmolLM2-135M-Instruct: 60 minutes on 2 CPU cores
     python -m grpo.train --preset episodes        # default + GRPO over whole conversations + episode evaluation
-    python -m grpo.train --preset smollm2-episodes   # smollm2's training + whole conversations, about an hour
+    python -m grpo.train --preset smollm2-episodes   # smollm2's training + whole conversations, about 52 minutes
     python -m grpo.train --out runs/seed1 --seed 1   # --out: default runs/<preset>
 
 Stages, each in its own directory under --out, each reused when a rerun finds it finished:
@@ -26,8 +26,9 @@ Stages, each in its own directory under --out, each reused when a rerun finds it
                  with a printed reason where absent)
     grpo-episodes/  episodes, smollm2-episodes: GRPO over whole conversations in the synthetic world (--env
                  synthetic) from the same cold-start checkpoint                   (grpo/episodes.py)
-    eval-episodes/  episodes, smollm2-episodes: cold start, per-turn RL and episode RL on whole test and ood_test
-                 episodes: success, pass^k, turns, errors                         (eval/episodes.py)
+    eval-episodes/  episodes, smollm2-episodes: every checkpoint (untrained, SFT, cold start, per-turn RL,
+                 episode RL) on whole test and ood_test episodes: success, pass^k, turns, errors
+                                                                                  (eval/episodes.py)
 
 This module is the only one above `sft` and `eval`; nothing imports it.
 """
@@ -100,8 +101,9 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
 
 
 # Whole conversations (beyond the paper): the default pipeline's stages as they are, then GRPO over
-# whole episodes in the synthetic world from the same cold start, and the three policies (cold
-# start, per-turn RL, episode RL) evaluated on whole test and ood_test episodes (eval.episodes).
+# whole episodes in the synthetic world from the same cold start, and every checkpoint (untrained,
+# SFT, cold start, per-turn RL, episode RL) evaluated on whole test and ood_test episodes
+# (eval.episodes).
 _EPISODE_BUDGET = {"max_turns": 12, "max_new_tokens": 96, "max_episode_tokens": 1536}
 PRESETS["episodes"] = {
     **PRESETS["default"],
@@ -110,9 +112,10 @@ PRESETS["episodes"] = {
                       "max_prompt_length": 768, "episode_reward": "mean_turn", **_EPISODE_BUDGET},
     "eval_episodes": {"tasks": 50, "k": 4, "batch_size": 16, **_EPISODE_BUDGET},
 }
-# The same on SmolLM2-135M-Instruct in about an hour on the 2-core CPU: the smollm2 preset's
+# The same on SmolLM2-135M-Instruct in under an hour on the 2-core CPU: the smollm2 preset's
 # training stages as they are (about 20 minutes), then three steps of episode GRPO (about 10) and
-# a small episode evaluation (about 14): 44.8 minutes in all on the 2-core CPU (README).  The
+# a small episode evaluation of the five checkpoints (about 22): about 52 minutes in all on the
+# 2-core CPU (README: 44.8 measured with three checkpoints, 7.5 more for the other two).  The
 # per-turn evaluations (eval/, eval-sampled/, eval-tau/: about 32 minutes) are left out;
 # `--preset smollm2` runs them.  An hour buys too few steps to expect learning: this preset shows
 # that the loop runs on a real model and what it costs.
@@ -264,14 +267,16 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                     print(f"[pipeline] tau-bench airline evaluation skipped: {TAU_AIRLINE} is absent (it lives in the "
                           f"project's shared/ folder beside the repository)")
         if "eval_episodes" in preset:
-            # Whole episodes of the test and ood_test tasks: cold start, per-turn RL, episode RL.
+            # Whole episodes of the test and ood_test tasks, every checkpoint of the run in order:
+            # untrained, base SFT, cold start, per-turn RL, episode RL (the paired differences
+            # compare each with the one before, so episode RL is compared with per-turn RL).
             from eval.episodes import EpisodeEvalConfig, run_eval as run_episode_eval
 
             began = time.perf_counter()
             checkpoints = summary["checkpoints"]
             summary["eval_episodes"] = run_episode_eval(EpisodeEvalConfig(
-                checkpoint=f"coldstart={checkpoints['coldstart']},rl={checkpoints['rl']},"
-                           f"rl_episodes={checkpoints['rl_episodes']}",
+                checkpoint=",".join(f"{name}={checkpoints[name]}"
+                                    for name in ("untrained", "sft", "coldstart", "rl", "rl_episodes")),
                 out=str(out / "eval-episodes"), seed=config.seed, device=config.device, threads=config.threads,
                 format_prompt=common["format_prompt"], **preset["eval_episodes"]))
             timings["eval-episodes"] = time.perf_counter() - began

@@ -144,8 +144,8 @@ def test_a_preset_with_a_real_model_runs_every_stage(tmp_path, monkeypatch, tiny
 @pytest.mark.parametrize("name", ["episodes", "smollm2-episodes"])
 def test_the_episodes_presets_add_episode_grpo_and_its_evaluation(tmp_path, monkeypatch, tiny_base, name):
     """The wiring of `--preset episodes` and `--preset smollm2-episodes`: after the training stages,
-    GRPO over whole conversations from the same cold-start checkpoint, then cold start, per-turn RL
-    and episode RL evaluated on whole episodes (on the trainer tests' tiny model with budgets of a
+    GRPO over whole conversations from the same cold-start checkpoint, then every checkpoint (untrained,
+    SFT, cold start, per-turn RL, episode RL, in that order) evaluated on whole episodes (on the trainer tests' tiny model with budgets of a
     step or two).  smollm2-episodes states the format in every stage and skips the per-turn evaluations."""
     import copy
 
@@ -173,7 +173,7 @@ def test_the_episodes_presets_add_episode_grpo_and_its_evaluation(tmp_path, monk
     results = json.loads((out / "eval-episodes" / "episodes" / "results.json").read_text())
     assert "eval-episodes" in summary["timings_s"]
     for split in ("test", "ood_test"):
-        assert set(results["results"][split]) == {"coldstart", "rl", "rl_episodes"}, split
+        assert list(results["results"][split]) == ["untrained", "sft", "coldstart", "rl", "rl_episodes"], split
     format_prompt = name == "smollm2-episodes"
     assert config["format_prompt"] is format_prompt and results["config"]["format_prompt"] is format_prompt
     assert (out / "eval").is_dir() is not format_prompt  # smollm2-episodes: no per-turn evaluation
