@@ -17,13 +17,11 @@ prompt, token segments, parser, environment and --max-episode-tokens budget), wi
 per task per pass:
 
 * **greedy**: one pass, argmax at every token (`SamplingConfig(greedy=True)`, as `eval.run`).
-* **sampled**: --k passes at --temperature (top-p, top-k), the policy GRPO optimises.  Pass j
-  samples the chunk of --batch-size tasks that starts at task i with generators seeded from
-  derived_seed(--seed, j, i, turn) (`grpo.runtime`): the same flags give the same transcripts,
-  and passes differ from each other.  With --batch-size 1 an episode's randomness is a function
-  of (seed, task, episode) alone; with larger batches the tasks of a chunk share the turn's
-  generator, so an episode also depends on which tasks share its chunk (and batching changes
-  float rounding): compare runs made with the same --batch-size.
+* **sampled**: --k passes at --temperature (top-p, top-k), the policy GRPO optimises.  In pass j
+  the episode of task i draws every token from its own generator, seeded from
+  derived_seed(--seed, j, i, 0) (`grpo.runtime`): the same flags give the same transcripts,
+  passes differ from each other, and an episode does not depend on which tasks share its batch.
+  --batch-size changes only float rounding (which can flip a sampled token on a real model).
 
 Reported per checkpoint and split (`eval.episode_metrics`): greedy success and sampled success
 (pass^1), each ± its standard error over tasks; tau-bench's pass^k for k = 1..--k (the chance

@@ -121,11 +121,13 @@ class EpisodeCache:
 
 
 def decode_turn(cache: EpisodeCache, logits: Tensor, config: SamplingConfig, *, stop_token_ids: Sequence[int],
-                stop_sequences: Sequence[Sequence[int]] = (), generator: torch.Generator | None = None
+                stop_sequences: Sequence[Sequence[int]] = (),
+                generator: torch.Generator | Sequence[torch.Generator] | None = None
                 ) -> tuple[list[list[int]], list[list[float]], list[bool]]:
     """Sample one turn for every row of `cache`, starting from `logits` [R, V] (what `extend`
     returned): per row the sampled tokens (the stopping token included, and not fed to the cache),
-    their sampling log-probs, and whether the row stopped before config.max_new_tokens."""
+    their sampling log-probs, and whether the row stopped before config.max_new_tokens.
+    `generator`: one for all rows, or one per row (a row draws only from its own while it runs)."""
     rows, device = cache.rows, logits.device
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
     stop_tensors = [torch.tensor(list(sequence), dtype=torch.long, device=device) for sequence in stop_sequences]
@@ -138,7 +140,9 @@ def decode_turn(cache: EpisodeCache, logits: Tensor, config: SamplingConfig, *, 
     for step in range(config.max_new_tokens):
         active = running.nonzero().squeeze(-1)
         banned = stop_ids if step < config.min_new_tokens and stop_ids.numel() else None
-        tokens, token_logprobs = sample_tokens(logits[active], config, generator, banned)
+        row_generators = generator if generator is None or isinstance(generator, torch.Generator) else \
+            [generator[row] for row in active.tolist()]
+        tokens, token_logprobs = sample_tokens(logits[active], config, row_generators, banned)
         sampled[active, step], logprobs[active, step] = tokens, token_logprobs
         lengths[active] += 1
         stopped = torch.isin(tokens, stop_ids) if stop_ids.numel() else torch.zeros_like(tokens, dtype=torch.bool)

@@ -37,9 +37,11 @@ plus --max-new-tokens fits, and an environment message that would leave no such 
 appended.  Those episodes are counted as truncated (`episode/truncated_share`).  Tasks whose first
 prompt leaves no room for one turn are skipped when the task list is built (and counted in the log).
 
-**Randomness.**  The generate call of turn k of the chunk that starts at task position p of step s
-samples with a generator seeded from derived_seed(seed, s, p, k): nothing depends on what ran
-before, so a resumed run samples what the uninterrupted run sampled.
+**Randomness.**  Episode g of the task at position p of step s draws every sampled token, turn
+after turn, from its own generator, seeded from derived_seed(seed, s, p, g): nothing depends on
+what ran before (a resumed run samples what the uninterrupted run sampled), nor on which episodes
+share its rollout chunk or process (--rollout-batch-prompts and torchrun change only float
+rounding).
 
 **Training view.**  Episode i becomes the row [first prompt | everything after it]: attention mask
 1 on every real token (environment tokens included: later turns attend to them), loss mask
@@ -120,6 +122,7 @@ class _Live:
     task: EpisodeTask
     env: Environment
     episode: EpisodeRollout
+    generator: torch.Generator  # this episode's own stream, drawn from in every turn
     on_path: bool = True
     finished: bool = False
 
@@ -179,8 +182,8 @@ def _run_chunk(policy: Policy, chunk: list[EpisodeTask], config: GRPOConfig, ste
                          f"{sampling.group_size}) whose budget is --max-new-tokens {config.max_new_tokens} (got "
                          f"{sampling.max_new_tokens})")
     items: list[_Live] = []
-    for task in chunk:
-        for _ in range(group_size):
+    for offset, task in enumerate(chunk):
+        for index in range(group_size):
             env = Environment(max_turns=config.max_turns)
             if env.reset(task.task).user != task.opening:
                 raise RuntimeError(f"task {task.task.id}: the environment opened with another message than the prompt")
@@ -189,7 +192,8 @@ def _run_chunk(policy: Policy, chunk: list[EpisodeTask], config: GRPOConfig, ste
                 raise ValueError(f"task {task.task.id}: first prompt of {len(prompt)} tokens + --max-new-tokens "
                                  f"{config.max_new_tokens} > --max-episode-tokens {config.max_episode_tokens}")
             row = EpisodeRollout(task.task.id, len(prompt), prompt, [0] * len(prompt), [0.0] * len(prompt))
-            items.append(_Live(task, env, row))
+            generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, step, position + offset, index))
+            items.append(_Live(task, env, row, generator))
     pad_id = pad_token_id(tokenizer, stops[0])
     with distributed.gathered_for_rollout(policy.model):  # FSDP: ranks run different numbers of passes
         if config.episode_cache:
@@ -209,10 +213,9 @@ def _sample_turns(policy: Policy, items: list[_Live], config: GRPOConfig, step: 
 
     tokenizer, turn = policy.tokenizer, 0
     while live := [item for item in items if not item.finished]:
-        generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, step, position, turn))
         rollout, _ = generate(policy.model, [item.episode.input_ids for item in live], sampling,
                               pad_token_id=pad_id, stop_token_ids=stops, stop_sequences=stop_sequences(tokenizer),
-                              generator=generator)
+                              generator=[item.generator for item in live])
         for row, item in enumerate(live):
             mask = rollout.completion_mask[row, 0].bool()
             _take_turn(item, rollout.completion_ids[row, 0][mask].tolist(),
@@ -243,9 +246,9 @@ def _sample_turns_cached(policy: Policy, items: list[_Live], config: GRPOConfig,
         while live:
             logits = cache.extend([item.episode.input_ids[done:] for item, done in zip(live, cached)])
             cached = [len(item.episode.input_ids) for item in live]
-            generator = torch.Generator(device="cpu").manual_seed(derived_seed(config.seed, step, position, turn))
             turns, logprobs, finished = decode_turn(cache, logits, sampling, stop_token_ids=stops,
-                                                    stop_sequences=stop_sequences(tokenizer), generator=generator)
+                                                    stop_sequences=stop_sequences(tokenizer),
+                                                    generator=[item.generator for item in live])
             for item, sampled, token_logprobs, stopped in zip(live, turns, logprobs, finished):
                 _take_turn(item, sampled, token_logprobs, stopped, turn, tokenizer, stops, config)
             # The decode fed every sampled token but the last of each turn.

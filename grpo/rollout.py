@@ -153,10 +153,12 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int, top_p: float) 
     return scaled
 
 
-def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Generator | None,
+def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Generator | Sequence[torch.Generator] | None,
                   banned_token_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """One token per row of `logits` [n, V] and its log-prob under the sampling distribution.
 
+    `generator` is one generator for the whole batch, or a sequence of n, one per row (row i's
+    number drawn from generator[i]: a row's draws then do not depend on the other rows).
     banned_token_ids (1-D) get probability 0 (used for stop tokens before `min_new_tokens`).
     Sampling draws one uniform number per row and inverts the cumulative distribution: the same
     distribution as `torch.multinomial`, which on the CPU costs ten times more on large vocabularies.
@@ -175,12 +177,22 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
     # rises there; the clamp guards the one draw where u * total rounds up to the total.
     cumulative = log_probs.double().exp_().cumsum_(dim=-1)
     total = cumulative[:, -1:]
-    # Drawn on the generator's own device (a CPU generator may drive a GPU rollout).
-    uniform = torch.rand((logits.shape[0], 1), generator=generator, dtype=torch.float64,
-                         device=generator.device if generator is not None else logits.device).to(logits.device)
+    uniform = _uniforms(logits.shape[0], generator, logits.device)
     tokens = torch.searchsorted(cumulative, uniform * total, right=True)
     tokens = torch.minimum(tokens, (cumulative < total).sum(-1, keepdim=True)).squeeze(-1)
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def _uniforms(rows: int, generator: torch.Generator | Sequence[torch.Generator] | None, device: torch.device) -> Tensor:
+    """[rows, 1] float64 uniform numbers, drawn on the generator's own device (a CPU generator may
+    drive a GPU rollout): from one generator, or one number from each of `rows` generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.rand((rows, 1), generator=generator, dtype=torch.float64,
+                          device=generator.device if generator is not None else device).to(device)
+    if len(generator) != rows:
+        raise ValueError(f"{len(generator)} generators for {rows} rows: pass one per row")
+    return torch.cat([torch.rand((1, 1), generator=each, dtype=torch.float64, device=each.device).to(device)
+                      for each in generator])
 
 
 def _ends_with_stop_sequence(recent: Tensor, stop_sequences: list[Tensor]) -> Tensor:
@@ -218,8 +230,11 @@ def _validate(prompts: Sequence[Sequence[int]], stop_token_ids: Sequence[int],
 
 def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: SamplingConfig, *,
              pad_token_id: int, stop_token_ids: Sequence[int], stop_sequences: Sequence[Sequence[int]] = (),
-             generator: torch.Generator | None = None) -> tuple[Rollout, dict[str, float]]:
+             generator: torch.Generator | Sequence[torch.Generator] | None = None) -> tuple[Rollout, dict[str, float]]:
     """Sample `config.group_size` completions for each prompt (token id lists); see the module docstring.
+
+    `generator`: one for the whole batch, or one per output row (prompt-major, num_prompts *
+    group_size of them), each row drawing only from its own while it runs.
 
     Returns the Rollout and metrics: `rollout/tokens` (generated tokens, stopping tokens
     included), `rollout/tokens_per_s` (over prefill and decode), `rollout/prefill_s`,
@@ -268,7 +283,9 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: S
         steps = 0
         for step in range(max_new_tokens):
             banned = stop_ids if step < config.min_new_tokens and stop_ids.numel() else None
-            tokens, token_logprobs = sample_tokens(logits, config, generator, banned)
+            row_generators = generator if generator is None or isinstance(generator, torch.Generator) else \
+                [generator[row] for row in rows.tolist()]
+            tokens, token_logprobs = sample_tokens(logits, config, row_generators, banned)
             completion_ids[rows, step] = tokens
             completion_mask[rows, step] = 1
             sampling_logprobs[rows, step] = token_logprobs

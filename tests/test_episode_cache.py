@@ -153,3 +153,24 @@ def _segments(episode) -> list[tuple[int, int]]:
     """[start, end) of each environment segment of an episode (between its sampled turns)."""
     spans = episode.turn_spans
     return [(end, next_start) for (_, end), (next_start, _) in zip(spans, spans[1:])]
+
+
+@pytest.mark.parametrize("episode_cache", [True, False])
+def test_an_episode_samples_the_same_tokens_whichever_episodes_share_its_chunk(made, lora_policy, episode_cache):
+    """Each episode draws from its own generator (derived_seed(seed, step, task position, g)), so
+    rolling the three tasks out one chunk each, or all in one chunk, or starting from another
+    position, samples the same episodes (the tiny model's rounding does not flip a token here)."""
+    settings = dict(env="synthetic", group_size=2, prompts_per_step=3, max_turns=4, max_new_tokens=8,
+                    max_episode_tokens=4000, seed=5, episode_cache=episode_cache)
+    together, _ = run_episodes(lora_policy, made, GRPOConfig(**settings, rollout_batch_prompts=3), step=1)
+    apart, _ = run_episodes(lora_policy, made, GRPOConfig(**settings, rollout_batch_prompts=1), step=1)
+    last_alone, _ = run_episodes(lora_policy, made[2:], GRPOConfig(**settings, rollout_batch_prompts=1), step=1,
+                                 first_position=2)
+    assert sum(len(episode.turn_spans) >= 2 for episode in together) >= 2  # several turns, sampled
+    for left, right in zip(together, apart):
+        assert left.input_ids == right.input_ids and left.record.transcript == right.record.transcript
+    assert [episode.input_ids for episode in last_alone] == [episode.input_ids for episode in together[4:]]
+    # ...and the episodes of a group, and of other steps, differ.
+    assert together[0].input_ids != together[1].input_ids
+    other_step, _ = run_episodes(lora_policy, made, GRPOConfig(**settings, rollout_batch_prompts=3), step=2)
+    assert [episode.input_ids for episode in other_step] != [episode.input_ids for episode in together]

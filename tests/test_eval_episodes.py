@@ -138,7 +138,7 @@ def scripted_records(monkeypatch, tokenizer, made, scripts, config):
     seen = []
 
     def spy(model, prompts, sampling, **kwargs):
-        seen.append((sampling.greedy, kwargs["generator"].initial_seed(), len(prompts)))
+        seen.append((sampling.greedy, [each.initial_seed() for each in kwargs["generator"]], len(prompts)))
         return sampler(model, prompts, sampling, **kwargs)
 
     monkeypatch.setattr(episodes_mod, "generate", spy)
@@ -184,20 +184,26 @@ def test_a_policy_that_does_nothing_passes_exactly_the_trivial_tasks(monkeypatch
     assert {r["task_id"] for r in records if r["success"]} == set(trivial[:2])
     assert all(r["invalid_actions"] == 3 and not r["user_done"] for r in records)
 
-def test_greedy_pass_is_greedy_and_sampled_episodes_draw_from_seed_task_episode_turn(
-        monkeypatch, train_tasks, tiny_tokenizer):
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_greedy_pass_is_greedy_and_each_sampled_episode_draws_from_seed_pass_task(
+        monkeypatch, train_tasks, tiny_tokenizer, batch_size):
+    """Every turn of pass j's episode of task i samples from the generator seeded derived_seed(seed,
+    j, i, 0), whichever tasks share its batch."""
     made = [episode_task(task, tiny_tokenizer) for task in train_tasks[:3]]
     scripts = {m.task.id: gold_script(m)[:1] + ["no action"] * 2 for m in made}  # 1 tool call, 2 unparseable
-    config = eval_config(k=2, max_turns=3, batch_size=1)
+    config = eval_config(k=2, max_turns=3, batch_size=batch_size)
     records, seen = scripted_records(monkeypatch, tiny_tokenizer, made, scripts, config)
     assert [(r["mode"], r["episode"], r["task_id"]) for r in records] == (
         [("greedy", 0, m.task.id) for m in made] + [("sampled", j, m.task.id) for j in range(2) for m in made])
     assert all(r["turns"] == 3 and r["invalid_actions"] == 2 for r in records)
-    greedy_calls, sampled_calls = seen[:9], seen[9:]
+    calls_per_pass = 3 * (3 if batch_size == 1 else 2)  # 3 turns per chunk of tasks
+    greedy_calls, sampled_calls = seen[:calls_per_pass], seen[calls_per_pass:]
     assert all(is_greedy for is_greedy, _, _ in greedy_calls) and not any(g for g, _, _ in sampled_calls)
-    expected = [derived_seed(config.seed, episode, task, turn) for episode in range(2) for task in range(3)
-                for turn in range(3)]
-    assert [seed for _, seed, _ in sampled_calls] == expected and all(rows == 1 for _, _, rows in seen)
+    chunks = [[0], [1], [2]] if batch_size == 1 else [[0, 1], [2]]
+    expected = [[derived_seed(config.seed, episode, task, 0) for task in chunk] for episode in range(2)
+                for chunk in chunks for _turn in range(3)]
+    assert [seeds for _, seeds, _ in sampled_calls] == expected
+    assert [rows for _, _, rows in seen] == [len(seeds) for _, seeds, _ in seen]
 
 
 # ---------------------------------------------------------------------------------------------
