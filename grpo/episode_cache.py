@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 from grpo.hf_compat import cache_argument
-from grpo.rollout import SamplingConfig, _ends_with_stop_sequence, sample_tokens
+from grpo.rollout import SamplingConfig, _ends_with_stop_sequence, row_generators, sample_tokens
 
 COMPACT_ABOVE = 0.25  # compact when this share of the cache's cells are pads
 
@@ -140,9 +140,7 @@ def decode_turn(cache: EpisodeCache, logits: Tensor, config: SamplingConfig, *, 
     for step in range(config.max_new_tokens):
         active = running.nonzero().squeeze(-1)
         banned = stop_ids if step < config.min_new_tokens and stop_ids.numel() else None
-        row_generators = generator if generator is None or isinstance(generator, torch.Generator) else \
-            [generator[row] for row in active.tolist()]
-        tokens, token_logprobs = sample_tokens(logits[active], config, row_generators, banned)
+        tokens, token_logprobs = sample_tokens(logits[active], config, row_generators(generator, active), banned)
         sampled[active, step], logprobs[active, step] = tokens, token_logprobs
         lengths[active] += 1
         stopped = torch.isin(tokens, stop_ids) if stop_ids.numel() else torch.zeros_like(tokens, dtype=torch.bool)

@@ -183,6 +183,15 @@ def sample_tokens(logits: Tensor, config: SamplingConfig, generator: torch.Gener
     return tokens, log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
+def row_generators(generator: torch.Generator | Sequence[torch.Generator] | None, rows: Tensor
+                   ) -> torch.Generator | list[torch.Generator] | None:
+    """What `sample_tokens` takes for the batch rows `rows` (indices into the caller's full batch):
+    the one shared generator as it is, or the running rows' own generators."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    return [generator[row] for row in rows.tolist()]
+
+
 def _uniforms(rows: int, generator: torch.Generator | Sequence[torch.Generator] | None, device: torch.device) -> Tensor:
     """[rows, 1] float64 uniform numbers, drawn on the generator's own device (a CPU generator may
     drive a GPU rollout): from one generator, or one number from each of `rows` generators."""
@@ -283,9 +292,7 @@ def generate(model: torch.nn.Module, prompts: Sequence[Sequence[int]], config: S
         steps = 0
         for step in range(max_new_tokens):
             banned = stop_ids if step < config.min_new_tokens and stop_ids.numel() else None
-            row_generators = generator if generator is None or isinstance(generator, torch.Generator) else \
-                [generator[row] for row in rows.tolist()]
-            tokens, token_logprobs = sample_tokens(logits, config, row_generators, banned)
+            tokens, token_logprobs = sample_tokens(logits, config, row_generators(generator, rows), banned)
             completion_ids[rows, step] = tokens
             completion_mask[rows, step] = 1
             sampling_logprobs[rows, step] = token_logprobs
